@@ -58,6 +58,9 @@ class Lease:
     owner: str
     deadline: float = 0.0
     services: set[str] = field(default_factory=set)
+    # The KeepAlive stream that renewed it last: when that stream's client
+    # goes away, the lease ends at once.
+    holder: object | None = None
 
 
 class EventType(enum.Enum):
@@ -141,3 +144,18 @@ def validate_ttl(ttl_ms: int) -> int:
             f"ttl_ms: {ttl_ms} outside {MIN_TTL_MS}..{MAX_TTL_MS} milliseconds"
         )
     return ttl_ms
+
+
+ROLES = ("server", "admin", "node", "reader")
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """Who is asking: the name and role an authenticated connection proved."""
+
+    name: str
+    role: str = "admin"
+
+    @property
+    def admin(self) -> bool:
+        return self.role == "admin"

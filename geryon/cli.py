@@ -1,0 +1,327 @@
+"""geryon: the command line. Argument parsing and printing only.
+
+What a user of Inferno's ndb/regquery, grid/register, grid/reglisten and rmnt
+reaches for, against Geryon's registry. Every error prints one line on stderr
+and exits non-zero; no traceback reaches the user.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+from geryon import errors
+from geryon.client import DEFAULT_REGISTRY, Client, WatchMessage
+from geryon.model import Event, Service, validate_attr_name
+from geryon.ndb import quote
+
+Handler = Callable[[argparse.Namespace], Awaitable[int]]
+
+
+class UsageError(Exception):
+    """A bad command line: printed as `geryon: ...` with exit status 2."""
+
+
+def parse_attr(text: str, *, wildcard: bool) -> tuple[str, str]:
+    """``attr=value`` (or bare ``attr`` meaning any value, where allowed)."""
+    attr, sep, value = text.partition("=")
+    if not sep:
+        if not wildcard:
+            raise UsageError(f"want attr=value, got {text!r}")
+        value = "*"
+    try:
+        validate_attr_name(attr, "attr")
+    except errors.InvalidArgument as exc:
+        raise UsageError(str(exc)) from None
+    return attr, value
+
+
+def parse_attrs(items: Sequence[str] | None, *, wildcard: bool = False) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in items or ():
+        attr, value = parse_attr(item, wildcard=wildcard)
+        if attr in out:
+            raise UsageError(f"attribute {attr!r} given twice")
+        out[attr] = value
+    return out
+
+
+def text_line(s: Service) -> str:
+    """registry(4)'s text format: the name, then attr value pairs, %q-quoted."""
+    words = [quote(s.name)]
+    for attr in sorted(s.attrs):
+        words += [quote(attr), quote(s.attrs[attr])]
+    return " ".join(words)
+
+
+def service_json(s: Service) -> dict[str, Any]:
+    return {
+        "name": s.name,
+        "attrs": dict(sorted(s.attrs.items())),
+        "lease": s.lease,
+        "owner": s.owner,
+        "create_revision": s.create_revision,
+        "mod_revision": s.mod_revision,
+    }
+
+
+def event_line(e: Event) -> str:
+    return f"{e.type.name} {e.revision} {text_line(e.service)}"
+
+
+def event_json(e: Event) -> dict[str, Any]:
+    return {
+        "type": e.type.name,
+        "revision": e.revision,
+        "service": service_json(e.service),
+        "prev": service_json(e.prev) if e.prev else None,
+    }
+
+
+def client_for(args: argparse.Namespace) -> Client:
+    return Client(args.registry, tls_dir=args.tls_dir, user=args.user, retry_for=args.timeout)
+
+
+# ---- commands --------------------------------------------------------------
+
+
+async def cmd_ls(args: argparse.Namespace) -> int:
+    async with client_for(args) as c:
+        services, _ = await c.find(parse_attrs(args.attr, wildcard=True), prefix=args.prefix)
+    if args.json:
+        print(json.dumps([service_json(s) for s in services], indent=1))
+    else:
+        for s in services:
+            print(s.name if args.n else text_line(s))
+    return 0
+
+
+async def cmd_get(args: argparse.Namespace) -> int:
+    async with client_for(args) as c:
+        s = await c.get(args.name)
+    print(json.dumps(service_json(s), indent=1) if args.json else text_line(s))
+    return 0
+
+
+async def cmd_set(args: argparse.Namespace) -> int:
+    attrs = parse_attrs(args.attrs)
+    remove = [parse_attr(a + "=", wildcard=False)[0] for a in args.rm_attr or ()]
+    async with client_for(args) as c:
+        try:
+            await c.get(args.name)
+        except errors.NotFound:
+            if not args.persist:
+                raise UsageError(
+                    f"{args.name} does not exist; give --persist to create it "
+                    "(services that live with a process come from geryon register)"
+                ) from None
+            s = await c.register(args.name, attrs, persist=True)
+        else:
+            s = await c.update(
+                args.name, attrs, remove_attrs=remove, expected_mod_revision=args.rev
+            )
+    print(text_line(s))
+    return 0
+
+
+async def cmd_rm(args: argparse.Namespace) -> int:
+    async with client_for(args) as c:
+        for name in args.names:
+            await c.unregister(name, expected_mod_revision=args.rev)
+    return 0
+
+
+async def cmd_watch(args: argparse.Namespace) -> int:
+    async with client_for(args) as c:
+        watch = c.watch(
+            parse_attrs(args.attr, wildcard=True),
+            prefix=args.prefix,
+            snapshot=args.snapshot,
+            start_revision=args.rev,
+        )
+        async for message in watch:
+            print_watch(message, as_json=args.json)
+    return 0
+
+
+def print_watch(m: WatchMessage, *, as_json: bool) -> None:
+    if m.kind == "events":
+        for e in m.events:
+            print(json.dumps(event_json(e)) if as_json else event_line(e), flush=True)
+    elif m.kind == "snapshot":
+        for s in m.services:
+            if as_json:
+                print(json.dumps({"type": "SNAPSHOT", "service": service_json(s)}))
+            else:
+                print(f"SNAPSHOT {s.mod_revision} {text_line(s)}")
+        print(
+            json.dumps({"type": "SYNCED", "revision": m.revision})
+            if as_json
+            else f"SYNCED {m.revision}",
+            flush=True,
+        )
+
+
+async def cmd_leases(args: argparse.Namespace) -> int:
+    async with client_for(args) as c:
+        leases = await c.leases()
+    if args.json:
+        print(
+            json.dumps(
+                [
+                    lease.__dict__
+                    if hasattr(lease, "__dict__")
+                    else {
+                        "lease": lease.id,
+                        "ttl_ms": lease.ttl_ms,
+                        "remaining_ms": lease.remaining_ms,
+                        "owner": lease.owner,
+                        "services": lease.services,
+                    }
+                    for lease in leases
+                ],
+                indent=1,
+            )
+        )
+    else:
+        for lease in leases:
+            print(
+                f"{lease.id} ttl {lease.ttl_ms}ms remaining {lease.remaining_ms}ms "
+                f"owner {quote(lease.owner)} services {lease.services}"
+            )
+    return 0
+
+
+# ---- the parser ------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="geryon",
+        description="Query and change Geryon's registry (Inferno's ndb/regquery and friends).",
+    )
+    p.add_argument(
+        "--registry",
+        default=os.environ.get("GERYON_REGISTRY", DEFAULT_REGISTRY),
+        metavar="HOST:PORT",
+        help=f"the registry (default $GERYON_REGISTRY or {DEFAULT_REGISTRY})",
+    )
+    p.add_argument(
+        "--tls-dir",
+        default=os.environ.get("GERYON_TLS_DIR") or None,
+        help="identity to connect with: ca.crt, cert.pem, key.pem "
+        "(default $GERYON_TLS_DIR; none: plain text)",
+    )
+    p.add_argument(
+        "--user", default=None, help="owner name to act as over plain text (default $GERYON_USER)"
+    )
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="how long to retry an unreachable registry (default 10)",
+    )
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    ls = sub.add_parser(
+        "ls",
+        help="list services matching attributes (ndb/regquery)",
+        description="List services having every attribute given; "
+        "A=* or a bare A matches any value. One line per service: "
+        "the name, then attribute value pairs.",
+    )
+    ls.add_argument("--attr", "-a", action="append", metavar="A=V", help="filter (repeatable)")
+    ls.add_argument("--prefix", default="", help="only names starting with this")
+    ls.add_argument("-n", action="store_true", help="print names only")
+    ls.add_argument("--json", action="store_true", help="print a JSON array")
+    ls.set_defaults(run=cmd_ls)
+
+    get = sub.add_parser("get", help="show one service")
+    get.add_argument("name")
+    get.add_argument("--json", action="store_true")
+    get.set_defaults(run=cmd_get)
+
+    st = sub.add_parser(
+        "set",
+        help="create (with --persist) or update a service",
+        description="Set attributes on a service: merges into an existing "
+        "one, or creates a persistent one with --persist.",
+    )
+    st.add_argument("name")
+    st.add_argument("attrs", nargs="*", metavar="A=V")
+    st.add_argument(
+        "--persist",
+        action="store_true",
+        help="create the service if missing; it lives until removed",
+    )
+    st.add_argument("--rm-attr", action="append", metavar="A", help="remove an attribute")
+    st.add_argument(
+        "--rev", type=int, default=0, help="only if the service's mod_revision is still this"
+    )
+    st.set_defaults(run=cmd_set)
+
+    rm = sub.add_parser("rm", help="remove services")
+    rm.add_argument("names", nargs="+", metavar="NAME")
+    rm.add_argument(
+        "--rev", type=int, default=0, help="only if the service's mod_revision is still this"
+    )
+    rm.set_defaults(run=cmd_rm)
+
+    w = sub.add_parser(
+        "watch",
+        help="print changes as they happen, until interrupted",
+        description="One line per event: PUT or DELETE, the revision, "
+        "then the service as ls prints it.",
+    )
+    w.add_argument("--attr", "-a", action="append", metavar="A=V", help="filter (repeatable)")
+    w.add_argument("--prefix", default="", help="only names starting with this")
+    w.add_argument(
+        "--snapshot",
+        action="store_true",
+        help="first print the matching services (SNAPSHOT lines, then SYNCED)",
+    )
+    w.add_argument("--rev", type=int, default=0, help="start from this revision")
+    w.add_argument("--json", action="store_true", help="JSON lines")
+    w.set_defaults(run=cmd_watch)
+
+    le = sub.add_parser("leases", help="list live leases")
+    le.add_argument("--json", action="store_true")
+    le.set_defaults(run=cmd_leases)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        code = asyncio.run(args.run(args))
+    except UsageError as exc:
+        print(f"geryon: {exc}", file=sys.stderr)
+        code = 2
+    except errors.Unavailable as exc:
+        print(f"geryon: registry {args.registry} unreachable: {exc}", file=sys.stderr)
+        code = 1
+    except errors.DeadlineExceeded:
+        print(
+            f"geryon: registry {args.registry} did not answer in {args.timeout}s", file=sys.stderr
+        )
+        code = 1
+    except errors.GeryonError as exc:
+        print(f"geryon: {exc}", file=sys.stderr)
+        code = 1
+    except KeyboardInterrupt:
+        code = 130
+    except BrokenPipeError:
+        code = 0
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,450 @@
+"""The asyncio client every other part of Geryon uses (CLI, agent, reconciler).
+
+It hides the stubs: callers get model objects and geryon.errors exceptions,
+never grpc types. Transient failures (UNAVAILABLE, DEADLINE_EXCEEDED) are
+retried with exponential backoff and jitter; terminal ones are raised at once.
+
+Two long-lived helpers carry the registry's streaming contracts:
+- ``Lease`` keeps a lease alive in the background across registry restarts
+  and says explicitly (``lost``) when the registry declares it gone.
+- ``Watch`` is List+Watch: it resumes from its last revision after the stream
+  breaks, and re-lists (yielding a fresh snapshot to replace the caller's
+  state) when the history it needs was compacted away.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import random
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, TypeVar
+
+import grpc
+from tenacity import (
+    AsyncRetrying,
+    retry_if_exception,
+    stop_after_delay,
+    wait_exponential_jitter,
+)
+
+from geryon import errors
+from geryon.convert import event_from_pb, pb, pb_grpc, service_from_pb
+from geryon.model import Event, LeaseID, Revision, Service
+
+log = logging.getLogger("geryon.client")
+
+T = TypeVar("T")
+DEFAULT_REGISTRY = "127.0.0.1:6675"
+RESUME_KEY = "geryon-resume-revision"
+
+
+def error_from_rpc(exc: grpc.aio.AioRpcError) -> errors.GeryonError:
+    """Map a gRPC status back to the domain error it stands for."""
+    cls = errors.BY_CODE.get(exc.code().name, errors.Internal)
+    resume = 0
+    for key, value in exc.trailing_metadata() or ():
+        if key == RESUME_KEY:
+            with contextlib.suppress(ValueError):
+                resume = int(value)
+    details = exc.details() or exc.code().name.lower()
+    return cls(details, resume_revision=resume)
+
+
+def _transient(exc: BaseException) -> bool:
+    return isinstance(exc, errors.GeryonError) and exc.transient
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseInfo:
+    id: LeaseID
+    ttl_ms: int
+    remaining_ms: int
+    owner: str
+    services: int
+
+
+@dataclass(frozen=True, slots=True)
+class WatchMessage:
+    """What a Watch yields.
+
+    - ``snapshot``: ``services`` is the whole matching state as of
+      ``revision``; replace what you had (sent first when asked for, and after
+      a re-list).
+    - ``events``: changes of whole revisions, in order, up to ``revision``.
+    - ``progress``: nothing changed for you up to ``revision``.
+    """
+
+    kind: Literal["snapshot", "events", "progress"]
+    revision: Revision
+    events: list[Event] = field(default_factory=list)
+    services: list[Service] = field(default_factory=list)
+
+
+class Client:
+    """A connection to one registry.
+
+    ``retry_for`` bounds how long a call keeps retrying transient failures
+    before it raises them.
+    """
+
+    def __init__(
+        self,
+        target: str | None = None,
+        *,
+        tls_dir: Path | str | None = None,
+        user: str | None = None,
+        retry_for: float = 10.0,
+        own_connection: bool = False,
+    ) -> None:
+        self.target = target or os.environ.get("GERYON_REGISTRY") or DEFAULT_REGISTRY
+        self.tls_dir = Path(tls_dir) if tls_dir else None
+        self.retry_for = retry_for
+        user = user or os.environ.get("GERYON_USER")
+        self.metadata: tuple[tuple[str, str], ...] = (("geryon-user", user),) if user else ()
+        options = [
+            ("grpc.keepalive_time_ms", 10_000),
+            ("grpc.keepalive_timeout_ms", 5_000),
+            ("grpc.keepalive_permit_without_calls", 1),
+            # Reconnect quickly when a registry restarts.
+            ("grpc.initial_reconnect_backoff_ms", 100),
+            ("grpc.max_reconnect_backoff_ms", 2_000),
+        ]
+        if own_connection:
+            # grpc shares one TCP connection between channels to one address
+            # unless each channel keeps its own subchannel pool.
+            options.append(("grpc.use_local_subchannel_pool", 1))
+        if self.tls_dir is not None:
+            from geryon import tls
+
+            self.channel = grpc.aio.secure_channel(
+                self.target, tls.channel_credentials(self.tls_dir), options=options
+            )
+        else:
+            self.channel = grpc.aio.insecure_channel(self.target, options=options)
+        self.stub = pb_grpc.RegistryStub(self.channel)
+
+    async def __aenter__(self) -> Client:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+    # ---- plumbing -----------------------------------------------------------
+
+    async def _once(self, call: Callable[..., Awaitable[T]], request: object) -> T:
+        try:
+            return await call(request, metadata=self.metadata, timeout=self.retry_for)
+        except grpc.aio.AioRpcError as exc:
+            raise error_from_rpc(exc) from exc
+
+    async def _call(self, call: Callable[..., Awaitable[T]], request: object) -> T:
+        async for attempt in AsyncRetrying(
+            retry=retry_if_exception(_transient),
+            wait=wait_exponential_jitter(initial=0.05, max=2.0, jitter=0.2),
+            stop=stop_after_delay(self.retry_for),
+            reraise=True,
+        ):
+            with attempt:
+                return await self._once(call, request)
+        raise AssertionError("unreachable")
+
+    # ---- services -----------------------------------------------------------
+
+    async def register(
+        self,
+        name: str,
+        attrs: Mapping[str, str] | None = None,
+        *,
+        lease: LeaseID = 0,
+        persist: bool = False,
+    ) -> Service:
+        r = await self._call(
+            self.stub.Register,
+            pb.RegisterRequest(name=name, attrs=attrs or {}, lease=lease, persist=persist),
+        )
+        return service_from_pb(r.service)
+
+    async def update(
+        self,
+        name: str,
+        set_attrs: Mapping[str, str] | None = None,
+        *,
+        remove_attrs: Iterable[str] = (),
+        expected_mod_revision: Revision = 0,
+    ) -> Service:
+        r = await self._call(
+            self.stub.Update,
+            pb.UpdateRequest(
+                name=name,
+                set_attrs=set_attrs or {},
+                remove_attrs=list(remove_attrs),
+                expected_mod_revision=expected_mod_revision,
+            ),
+        )
+        return service_from_pb(r.service)
+
+    async def unregister(self, name: str, *, expected_mod_revision: Revision = 0) -> Service:
+        r = await self._call(
+            self.stub.Unregister,
+            pb.UnregisterRequest(name=name, expected_mod_revision=expected_mod_revision),
+        )
+        return service_from_pb(r.service)
+
+    async def get(self, name: str) -> Service:
+        r = await self._call(self.stub.Get, pb.GetRequest(name=name))
+        return service_from_pb(r.service)
+
+    async def find(
+        self, attrs: Mapping[str, str] | None = None, *, prefix: str = ""
+    ) -> tuple[list[Service], Revision]:
+        """Services matching every attr (``*`` any value) and the prefix,
+        sorted by name, with the revision they were read at."""
+        r = await self._call(self.stub.Find, pb.FindRequest(attrs=attrs or {}, prefix=prefix))
+        return [service_from_pb(s) for s in r.services], r.header.revision
+
+    # ---- leases -------------------------------------------------------------
+
+    async def grant(self, ttl_ms: int) -> LeaseID:
+        r = await self._call(self.stub.Grant, pb.GrantRequest(ttl_ms=ttl_ms))
+        return r.lease
+
+    async def revoke(self, lease: LeaseID) -> int:
+        r = await self._call(self.stub.Revoke, pb.RevokeRequest(lease=lease))
+        return r.deleted
+
+    async def leases(self) -> list[LeaseInfo]:
+        r = await self._call(self.stub.Leases, pb.LeasesRequest())
+        return [LeaseInfo(x.lease, x.ttl_ms, x.remaining_ms, x.owner, x.services) for x in r.leases]
+
+    def lease(self, ttl_ms: int = 5000) -> Lease:
+        """A lease kept alive in the background: ``async with client.lease() as l``."""
+        return Lease(self, ttl_ms)
+
+    # ---- watch --------------------------------------------------------------
+
+    def watch(
+        self,
+        attrs: Mapping[str, str] | None = None,
+        *,
+        prefix: str = "",
+        start_revision: Revision = 0,
+        snapshot: bool = False,
+        progress_interval_ms: int = 0,
+    ) -> Watch:
+        return Watch(
+            self,
+            dict(attrs or {}),
+            prefix,
+            start_revision=start_revision,
+            snapshot=snapshot,
+            progress_interval_ms=progress_interval_ms,
+        )
+
+
+class Lease:
+    """A lease that keeps itself alive.
+
+    ``lost`` is set when the registry says the lease is gone (it expired, was
+    revoked, or the registry lost it); the owner must then grant a new one and
+    re-register. A registry that is merely unreachable is not a lost lease:
+    the keepalive reconnects with backoff, and a restarted registry gives the
+    lease a fresh TTL.
+    """
+
+    def __init__(self, client: Client, ttl_ms: int) -> None:
+        self.client = client
+        self.ttl_ms = ttl_ms
+        self.id: LeaseID = 0
+        self.lost = asyncio.Event()
+        self.connected = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> Lease:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close(revoke=True)
+
+    async def start(self, lease_id: LeaseID = 0) -> None:
+        """Grant a lease (or adopt ``lease_id``) and start keeping it alive."""
+        self.id = lease_id or await self.client.grant(self.ttl_ms)
+        self.lost.clear()
+        self._task = asyncio.create_task(self._keep(), name=f"lease-{self.id}")
+        # The first renewal makes this stream the lease's holder, so a crash
+        # from here on ends the lease at once.
+        await asyncio.wait(
+            [asyncio.ensure_future(self.connected.wait()), self._task],
+            timeout=self.ttl_ms / 1000,
+            return_when=asyncio.FIRST_COMPLETED,
+        )
+
+    async def close(self, *, revoke: bool) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+            self._task = None
+        if revoke and self.id and not self.lost.is_set():
+            with contextlib.suppress(errors.GeryonError):
+                await self.client.revoke(self.id)
+
+    async def _keep(self) -> None:
+        backoff = 0.05
+        interval = self.ttl_ms / 3000
+        while True:
+            try:
+                await self._stream(interval)
+                return  # lost
+            except errors.GeryonError as exc:
+                if not exc.transient:
+                    log.warning("lease %d: %s", self.id, exc)
+                    self.lost.set()
+                    return
+            self.connected.clear()
+            await asyncio.sleep(backoff * (0.5 + random.random()))
+            backoff = min(backoff * 2, 2.0)
+
+    async def _stream(self, interval: float) -> None:
+        wake = asyncio.Event()
+
+        async def requests() -> AsyncIterator[pb.KeepAliveRequest]:
+            while True:
+                yield pb.KeepAliveRequest(lease=self.id)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(wake.wait(), interval)
+                wake.clear()
+
+        call = self.client.stub.KeepAlive(requests(), metadata=self.client.metadata)
+        try:
+            async for response in call:
+                if response.ttl_ms == 0:
+                    log.warning("lease %d: the registry says it is gone", self.id)
+                    self.lost.set()
+                    return
+                self.connected.set()
+        except grpc.aio.AioRpcError as exc:
+            raise error_from_rpc(exc) from exc
+        finally:
+            call.cancel()
+        raise errors.Unavailable("keepalive stream ended")
+
+
+class Watch:
+    """List+Watch over one filter; iterate it for WatchMessages."""
+
+    def __init__(
+        self,
+        client: Client,
+        attrs: dict[str, str],
+        prefix: str,
+        *,
+        start_revision: Revision,
+        snapshot: bool,
+        progress_interval_ms: int,
+    ) -> None:
+        self.client = client
+        self.attrs = attrs
+        self.prefix = prefix
+        self.progress_interval_ms = progress_interval_ms
+        self.want_snapshot = snapshot
+        # The next revision this watcher needs; 0 before the first message.
+        self.next_revision = start_revision
+        self._requests: asyncio.Queue[pb.WatchRequest | None] = asyncio.Queue()
+        self._call: grpc.aio.StreamStreamCall | None = None
+        self._closed = False
+
+    def request_progress(self) -> None:
+        self._requests.put_nowait(pb.WatchRequest(progress_request=pb.WatchProgressRequest()))
+
+    async def close(self) -> None:
+        self._closed = True
+        if self._call is not None:
+            self._call.cancel()
+
+    def __aiter__(self) -> AsyncIterator[WatchMessage]:
+        return self._run()
+
+    async def _run(self) -> AsyncIterator[WatchMessage]:
+        backoff = 0.05
+        while not self._closed:
+            snapshot = self.want_snapshot
+            try:
+                async for message in self._once(snapshot):
+                    backoff = 0.05
+                    yield message
+                if self._closed:
+                    return
+                raise errors.Unavailable("watch stream ended")
+            except errors.OutOfRange as exc:
+                log.info("watch: %s; re-listing", exc)
+                self.want_snapshot = True
+                self.next_revision = 0
+                continue
+            except errors.ResourceExhausted as exc:
+                if not exc.resume_revision:
+                    raise
+                log.info("watch: %s", exc)
+            except errors.GeryonError as exc:
+                if not exc.transient:
+                    raise
+            await asyncio.sleep(backoff * (0.5 + random.random()))
+            backoff = min(backoff * 2, 2.0)
+
+    async def _once(self, snapshot: bool) -> AsyncIterator[WatchMessage]:
+        create = pb.WatchCreateRequest(
+            attrs=self.attrs,
+            prefix=self.prefix,
+            start_revision=0 if snapshot else self.next_revision,
+            snapshot=snapshot,
+            progress_interval_ms=self.progress_interval_ms,
+        )
+        requests = self._requests
+
+        async def send() -> AsyncIterator[pb.WatchRequest]:
+            yield pb.WatchRequest(create_request=create)
+            while True:
+                request = await requests.get()
+                if request is None:
+                    return
+                yield request
+
+        call = self.client.stub.Watch(send(), metadata=self.client.metadata)
+        self._call = call
+        listed: list[Service] = []
+        try:
+            async for r in call:
+                if r.type == pb.WatchResponse.TYPE_SNAPSHOT:
+                    listed.extend(service_from_pb(e.service) for e in r.events)
+                    continue
+                if r.type == pb.WatchResponse.TYPE_SNAPSHOT_COMPLETE:
+                    self.want_snapshot = False
+                    self.next_revision = r.revision + 1
+                    yield WatchMessage("snapshot", r.revision, services=listed)
+                    listed = []
+                    continue
+                if r.type == pb.WatchResponse.TYPE_PROGRESS:
+                    self.next_revision = r.revision + 1
+                    yield WatchMessage("progress", r.revision)
+                    continue
+                events = [event_from_pb(e) for e in r.events]
+                if not events:
+                    continue
+                last = events[-1].revision
+                self.next_revision = last + 1
+                yield WatchMessage("events", last, events=events)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.CANCELLED and self._closed:
+                return
+            raise error_from_rpc(exc) from exc
+        finally:
+            call.cancel()
+            self._call = None

@@ -1,0 +1,88 @@
+"""Prometheus metrics for the registry, served on --metrics HOST:PORT.
+
+RPCs are counted by an interceptor, so the servicer stays plumbing; the
+gauges are read from the store and hub when scraped, never kept in step by
+hand.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from geryon.store import Store
+from geryon.watch import Hub
+
+
+class Metrics:
+    def __init__(self, store: Store, hub: Hub) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        Gauge("geryon_services", "Services in the registry", registry=r).set_function(
+            lambda: len(store.services)
+        )
+        Gauge("geryon_leases", "Live leases", registry=r).set_function(lambda: len(store.leases))
+        Gauge("geryon_watchers", "Open watch streams", registry=r).set_function(
+            lambda: len(hub.watchers)
+        )
+        Gauge("geryon_revision", "Current durable revision", registry=r).set_function(
+            lambda: store.durable_revision
+        )
+        self.rpcs = Counter(
+            "geryon_rpcs", "RPCs by method and status code", ["method", "code"], registry=r
+        )
+        self.latency = Histogram(
+            "geryon_rpc_seconds", "RPC latency (streams: until opened)", ["method"], registry=r
+        )
+        self.commit = Histogram(
+            "geryon_commit_seconds", "Store commit (transaction + fsync) latency", registry=r
+        )
+        store.commit_latency = self.commit.observe
+
+    def serve(self, host: str, port: int) -> None:
+        start_http_server(port, addr=host, registry=self.registry)
+
+    def interceptor(self) -> grpc.aio.ServerInterceptor:
+        return _Interceptor(self)
+
+
+class _Interceptor(grpc.aio.ServerInterceptor):
+    def __init__(self, metrics: Metrics) -> None:
+        self.m = metrics
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        if handler is None or handler.unary_unary is None:
+            if handler is not None:
+                self.m.rpcs.labels(details.method.rsplit("/", 1)[-1], "STREAM").inc()
+            return handler
+        method = details.method.rsplit("/", 1)[-1]
+        inner = handler.unary_unary
+        m = self.m
+
+        async def measured(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            started = time.perf_counter()
+            code = "OK"
+            try:
+                return await inner(request, context)
+            except BaseException:
+                c = context.code()
+                code = c.name if isinstance(c, grpc.StatusCode) else "UNKNOWN"
+                raise
+            finally:
+                m.rpcs.labels(method, code).inc()
+                m.latency.labels(method).observe(time.perf_counter() - started)
+
+        return grpc.unary_unary_rpc_method_handler(
+            measured,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )

@@ -1,0 +1,402 @@
+"""The Registry gRPC servicer: plumbing over the store, the lease keeper and
+the watch hub.
+
+Each method checks its request, calls the domain, maps a domain error to a
+status code (the one table: ``GeryonError.code``) and converts the answer.
+Nothing here decides what the registry means; that lives in store.py and
+watch.py, which are tested without a network.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+
+from geryon.convert import event_to_pb, header, pb, pb_grpc, service_to_pb
+from geryon.errors import (
+    GeryonError,
+    InvalidArgument,
+    PermissionDenied,
+    ResourceExhausted,
+    Unavailable,
+)
+from geryon.model import Caller, Event, Filter, Revision, validate_filter
+from geryon.store import Store, wait
+from geryon.watch import Hub, Watcher
+
+log = logging.getLogger("geryon.registryd")
+
+T = TypeVar("T")
+Authenticate = Callable[[grpc.aio.ServicerContext], Caller]
+
+DEFAULT_PROGRESS_S = 10.0
+MAX_EVENTS_PER_MESSAGE = 1000
+SNAPSHOT_CHUNK = 1000
+RESUME_KEY = "geryon-resume-revision"
+
+# Who may do what, beyond ownership (which the store checks). Deny by default.
+WRITERS = frozenset({"admin", "node"})
+
+
+def plaintext_caller(context: grpc.aio.ServicerContext) -> Caller:
+    """Without TLS every caller is a local admin; the optional ``geryon-user``
+    metadata names it, so owners still mean something in development."""
+    for key, value in context.invocation_metadata() or ():
+        if key == "geryon-user" and value:
+            return Caller(str(value), "admin")
+    return Caller("admin", "admin")
+
+
+async def _abort(context: grpc.aio.ServicerContext, exc: GeryonError) -> None:
+    if exc.resume_revision:
+        context.set_trailing_metadata(((RESUME_KEY, str(exc.resume_revision)),))
+    await context.abort(grpc.StatusCode[exc.code], exc.message)
+
+
+class RegistryService(pb_grpc.RegistryServicer):
+    def __init__(
+        self,
+        store: Store,
+        hub: Hub,
+        *,
+        authenticate: Authenticate = plaintext_caller,
+        progress_interval: float = DEFAULT_PROGRESS_S,
+        max_watches_per_caller: int = 1000,
+    ) -> None:
+        self.store = store
+        self.hub = hub
+        self.authenticate = authenticate
+        self.progress_interval = progress_interval
+        self.max_watches = max_watches_per_caller
+        # Set before the server stops, so streams it ends do not look like
+        # clients that went away (which would end their leases).
+        self.stopping = False
+
+    async def _call(
+        self, context: grpc.aio.ServicerContext, fn: Callable[[Caller], Awaitable[T]]
+    ) -> T:
+        try:
+            return await fn(self.authenticate(context))
+        except GeryonError as exc:
+            await _abort(context, exc)
+        except Exception:
+            log.exception("registryd: internal error")
+            await context.abort(grpc.StatusCode.INTERNAL, "registryd: internal error")
+        raise AssertionError("unreachable")  # abort always raises
+
+    def _may_write(self, caller: Caller, what: str) -> None:
+        if caller.role not in WRITERS:
+            raise PermissionDenied(f"{caller.role} {caller.name} may not {what}")
+
+    async def _mutated(self, caller: Caller, what: str, result: tuple[T, Any]) -> T:
+        value, durable = result
+        await wait(durable)
+        log.info("registryd: %s by %s", what, caller.name)
+        return value
+
+    # ---- services -----------------------------------------------------------
+
+    async def Register(self, request: pb.RegisterRequest, context: Any) -> pb.RegisterResponse:
+        async def do(caller: Caller) -> pb.RegisterResponse:
+            self._may_write(caller, "register")
+            if request.persist and not caller.admin:
+                raise PermissionDenied(
+                    f"{caller.role} {caller.name} may not create persistent entries"
+                )
+            s = await self._mutated(
+                caller,
+                f"register {request.name}",
+                self.store.register(
+                    request.name,
+                    request.attrs,
+                    lease=request.lease,
+                    persist=request.persist,
+                    caller=caller,
+                ),
+            )
+            return pb.RegisterResponse(header=header(s.mod_revision), service=service_to_pb(s))
+
+        return await self._call(context, do)
+
+    async def Update(self, request: pb.UpdateRequest, context: Any) -> pb.UpdateResponse:
+        async def do(caller: Caller) -> pb.UpdateResponse:
+            self._may_write(caller, "update")
+            s = await self._mutated(
+                caller,
+                f"update {request.name}",
+                self.store.update(
+                    request.name,
+                    request.set_attrs,
+                    request.remove_attrs,
+                    expected_mod_revision=request.expected_mod_revision,
+                    caller=caller,
+                ),
+            )
+            return pb.UpdateResponse(header=header(s.mod_revision), service=service_to_pb(s))
+
+        return await self._call(context, do)
+
+    async def Unregister(
+        self, request: pb.UnregisterRequest, context: Any
+    ) -> pb.UnregisterResponse:
+        async def do(caller: Caller) -> pb.UnregisterResponse:
+            self._may_write(caller, "unregister")
+            s = await self._mutated(
+                caller,
+                f"unregister {request.name}",
+                self.store.unregister(
+                    request.name,
+                    expected_mod_revision=request.expected_mod_revision,
+                    caller=caller,
+                ),
+            )
+            return pb.UnregisterResponse(
+                header=header(self.store.durable_revision), service=service_to_pb(s)
+            )
+
+        return await self._call(context, do)
+
+    async def Get(self, request: pb.GetRequest, context: Any) -> pb.GetResponse:
+        async def do(caller: Caller) -> pb.GetResponse:
+            s = self.store.get(request.name)
+            revision = await self.store.sync()
+            return pb.GetResponse(header=header(revision), service=service_to_pb(s))
+
+        return await self._call(context, do)
+
+    async def Find(self, request: pb.FindRequest, context: Any) -> pb.FindResponse:
+        async def do(caller: Caller) -> pb.FindResponse:
+            found = self.store.find(validate_filter(request.attrs, request.prefix))
+            revision = await self.store.sync()
+            return pb.FindResponse(
+                header=header(revision), services=[service_to_pb(s) for s in found]
+            )
+
+        return await self._call(context, do)
+
+    # ---- leases -------------------------------------------------------------
+
+    async def Grant(self, request: pb.GrantRequest, context: Any) -> pb.GrantResponse:
+        async def do(caller: Caller) -> pb.GrantResponse:
+            self._may_write(caller, "grant leases")
+            lease = await self._mutated(
+                caller,
+                f"grant ttl {request.ttl_ms}ms",
+                self.store.grant(request.ttl_ms, caller=caller),
+            )
+            return pb.GrantResponse(
+                header=header(self.store.durable_revision), lease=lease.id, ttl_ms=lease.ttl_ms
+            )
+
+        return await self._call(context, do)
+
+    async def Revoke(self, request: pb.RevokeRequest, context: Any) -> pb.RevokeResponse:
+        async def do(caller: Caller) -> pb.RevokeResponse:
+            self._may_write(caller, "revoke leases")
+            deleted = await self._mutated(
+                caller,
+                f"revoke lease {request.lease}",
+                self.store.revoke(request.lease, caller=caller),
+            )
+            return pb.RevokeResponse(header=header(self.store.durable_revision), deleted=deleted)
+
+        return await self._call(context, do)
+
+    async def Leases(self, request: pb.LeasesRequest, context: Any) -> pb.LeasesResponse:
+        async def do(caller: Caller) -> pb.LeasesResponse:
+            now = time.monotonic()
+            leases = [
+                pb.LeaseInfo(
+                    lease=lease.id,
+                    ttl_ms=lease.ttl_ms,
+                    remaining_ms=max(0, int((lease.deadline - now) * 1000)),
+                    owner=lease.owner,
+                    services=len(lease.services),
+                )
+                for lease in self.store.lease_list()
+            ]
+            revision = await self.store.sync()
+            return pb.LeasesResponse(header=header(revision), leases=leases)
+
+        return await self._call(context, do)
+
+    async def KeepAlive(
+        self, request_iterator: AsyncIterator[pb.KeepAliveRequest], context: Any
+    ) -> AsyncIterator[pb.KeepAliveResponse]:
+        # The stream holds every lease it renews; a lease renewed later on
+        # another stream moves there, so only the newest holder's end counts.
+        token = object()
+        held: set[int] = set()
+        try:
+            caller = self.authenticate(context)
+            async for request in request_iterator:
+                self._may_write(caller, "keep leases alive")
+                ttl = self.store.keepalive(request.lease, caller=caller)
+                if ttl:
+                    held.add(request.lease)
+                    self.store.leases[request.lease].holder = token
+                yield pb.KeepAliveResponse(
+                    header=header(self.store.durable_revision), lease=request.lease, ttl_ms=ttl
+                )
+        except GeryonError as exc:
+            await _abort(context, exc)
+        finally:
+            if not self.stopping:
+                self._release(held, token)
+
+    def _release(self, held: set[int], token: object) -> None:
+        """The client side of a KeepAlive stream went away: end its leases now."""
+        for lid in held:
+            lease = self.store.leases.get(lid)
+            if lease is not None and lease.holder is token:
+                deleted, _ = self.store.revoke(lid, caller=None)
+                log.info("registryd: lease %d ended with its stream (%d services)", lid, deleted)
+
+    # ---- watch --------------------------------------------------------------
+
+    async def Watch(
+        self, request_iterator: AsyncIterator[pb.WatchRequest], context: Any
+    ) -> AsyncIterator[pb.WatchResponse]:
+        watcher: Watcher | None = None
+        reader: asyncio.Task[None] | None = None
+        try:
+            caller = self.authenticate(context)
+            first = await anext(aiter(request_iterator), None)
+            if first is None or not first.HasField("create_request"):
+                raise InvalidArgument("watch: the first request must be a create_request")
+            create = first.create_request
+            flt = validate_filter(create.attrs, create.prefix)
+            interval = self._progress_interval(create)
+            if self.hub.count(caller.name) >= self.max_watches:
+                raise ResourceExhausted(
+                    f"watch: {caller.name} already has {self.max_watches} watches open"
+                )
+            snapshot: list | None = None
+            if create.snapshot:
+                # Taken at the applied revision; sent once that is durable.
+                at = self.store.revision
+                snapshot = self.store.find(flt)
+                watcher = self.hub.subscribe(flt, after=at, owner=caller.name)
+            else:
+                watcher = self._subscribe_from(flt, create.start_revision, caller)
+            progress = asyncio.Event()
+            if not create.snapshot and not create.start_revision:
+                # Tell the client where it starts, so it can resume from there.
+                progress.set()
+            reader = asyncio.create_task(self._read_progress(request_iterator, progress, watcher))
+            if snapshot is not None:
+                revision = await self.store.sync()
+                for i in range(0, len(snapshot), SNAPSHOT_CHUNK):
+                    yield pb.WatchResponse(
+                        header=header(revision),
+                        type=pb.WatchResponse.TYPE_SNAPSHOT,
+                        events=[
+                            pb.Event(
+                                type=pb.Event.TYPE_PUT,
+                                service=service_to_pb(s),
+                                revision=s.mod_revision,
+                            )
+                            for s in snapshot[i : i + SNAPSHOT_CHUNK]
+                        ],
+                    )
+                yield pb.WatchResponse(
+                    header=header(revision),
+                    type=pb.WatchResponse.TYPE_SNAPSHOT_COMPLETE,
+                    revision=watcher.seen,
+                )
+            async for message in self._stream(watcher, progress, interval):
+                yield message
+        except GeryonError as exc:
+            await _abort(context, exc)
+        finally:
+            if reader is not None:
+                reader.cancel()
+            if watcher is not None:
+                self.hub.unsubscribe(watcher)
+
+    def _progress_interval(self, create: pb.WatchCreateRequest) -> float:
+        if create.start_revision < 0:
+            raise InvalidArgument("start_revision: negative")
+        if create.start_revision and create.snapshot:
+            raise InvalidArgument("start_revision: cannot be combined with snapshot")
+        ms = create.progress_interval_ms
+        if ms and not 100 <= ms <= 86_400_000:
+            raise InvalidArgument("progress_interval_ms: want 0 or 100..86400000")
+        return ms / 1000 if ms else self.progress_interval
+
+    def _subscribe_from(self, flt: Filter, start: Revision, caller: Caller) -> Watcher:
+        durable = self.store.durable_revision
+        if not start:
+            return self.hub.subscribe(flt, after=durable, owner=caller.name)
+        # Replay the held history, then live events: both taken in one step
+        # of the event loop, so nothing falls between them.
+        backlog = self.store.history_since(start)
+        watcher = self.hub.subscribe(flt, after=max(start - 1, 0), owner=caller.name)
+        for revision, events in backlog:
+            watcher.offer(revision, events, replay=True)
+        watcher.seen = max(watcher.seen, durable)
+        return watcher
+
+    async def _read_progress(
+        self,
+        requests: AsyncIterator[pb.WatchRequest],
+        progress: asyncio.Event,
+        watcher: Watcher,
+    ) -> None:
+        with contextlib.suppress(Exception):
+            async for request in requests:
+                if request.HasField("progress_request"):
+                    progress.set()
+                    watcher.wakeup.set()
+                else:
+                    watcher.fail(InvalidArgument("watch: only one create_request per stream"))
+                    return
+        # The client closed its side: end the watch.
+        watcher.fail(Unavailable("watch: closed by the client"))
+
+    async def _stream(
+        self, watcher: Watcher, progress: asyncio.Event, interval: float
+    ) -> AsyncIterator[pb.WatchResponse]:
+        loop = asyncio.get_running_loop()
+        next_progress = loop.time() + interval
+        while True:
+            if watcher.error is not None:
+                raise watcher.error
+            if watcher.pending:
+                events = watcher.take(MAX_EVENTS_PER_MESSAGE)
+                yield self._events(events)
+                next_progress = loop.time() + interval
+                continue
+            if progress.is_set() or loop.time() >= next_progress:
+                progress.clear()
+                watcher.delivered = max(watcher.delivered, watcher.seen)
+                yield pb.WatchResponse(
+                    header=header(self.store.durable_revision),
+                    type=pb.WatchResponse.TYPE_PROGRESS,
+                    revision=watcher.seen,
+                )
+                next_progress = loop.time() + interval
+                continue
+            watcher.wakeup.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(watcher.wakeup.wait(), next_progress - loop.time())
+
+    def _events(self, events: list[Event]) -> pb.WatchResponse:
+        return pb.WatchResponse(
+            header=header(self.store.durable_revision),
+            type=pb.WatchResponse.TYPE_EVENTS,
+            events=[event_to_pb(e) for e in events],
+        )
+
+    # ---- shutdown -----------------------------------------------------------
+
+    def shutdown(self) -> None:
+        """End every stream with UNAVAILABLE, leaving leases alone."""
+        self.stopping = True
+        self.hub.close_all(Unavailable("registryd: shutting down"))

@@ -1,0 +1,272 @@
+"""geryon-registryd: the registry daemon.
+
+Wires the store, the lease keeper, the watch hub and the servicer into a
+grpc.aio server with health checking and reflection, and shuts them down in
+stages on SIGTERM/SIGINT: stop accepting, end streams with UNAVAILABLE (leases
+left alone), flush the store, exit 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ipaddress
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+
+from geryon import leases
+from geryon.convert import pb, pb_grpc
+from geryon.errors import GeryonError
+from geryon.model import Caller
+from geryon.registry_service import RegistryService
+from geryon.store import Limits, Store, wait
+from geryon.watch import DEFAULT_BACKLOG, Hub
+
+log = logging.getLogger("geryon.registryd")
+
+GRACE_S = 2.0
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Registry"].full_name
+# A static entry's owner: only an admin may change it.
+STATIC_OWNER = "registryd"
+
+
+def default_data_dir() -> Path:
+    state = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
+    return Path(state) / "geryon" / "registry"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="geryon-registryd",
+        description="Serve Geryon's registry: services found by attribute, "
+        "leases, and a watch stream of every change.",
+    )
+    p.add_argument(
+        "--listen",
+        default="127.0.0.1:6675",
+        metavar="HOST:PORT",
+        help="address to serve on (default 127.0.0.1:6675; port 0 picks one)",
+    )
+    p.add_argument(
+        "--data-dir",
+        type=Path,
+        default=None,
+        help=f"where the durable store lives (default {default_data_dir()})",
+    )
+    p.add_argument(
+        "-f",
+        dest="static",
+        type=Path,
+        metavar="FILE",
+        help="load static persistent services from an ndb file: every entry "
+        "with service=NAME, its other pairs as attributes (as registry(4))",
+    )
+    p.add_argument(
+        "--tls-dir",
+        type=Path,
+        default=os.environ.get("GERYON_TLS_DIR") or None,
+        help="server identity: ca.crt, cert.pem, key.pem (or GERYON_TLS_DIR)",
+    )
+    p.add_argument(
+        "--insecure", action="store_true", help="allow plain text on a non-loopback address"
+    )
+    p.add_argument("--metrics", metavar="HOST:PORT", help="serve Prometheus metrics here")
+    p.add_argument(
+        "--history",
+        type=int,
+        default=100_000,
+        metavar="EVENTS",
+        help="events of history kept for resuming watchers (default 100000)",
+    )
+    p.add_argument(
+        "--history-age",
+        type=float,
+        default=3600.0,
+        metavar="SECONDS",
+        help="drop history older than this (default 3600)",
+    )
+    p.add_argument(
+        "--watch-backlog",
+        type=int,
+        default=DEFAULT_BACKLOG,
+        metavar="EVENTS",
+        help=f"events queued for one watcher before it is cut off (default {DEFAULT_BACKLOG})",
+    )
+    p.add_argument(
+        "--progress-interval",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="progress notices to idle watchers (default 10)",
+    )
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    return p.parse_args(argv)
+
+
+def split_hostport(text: str, flag: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        raise SystemExit(f"geryon-registryd: {flag}: want HOST:PORT, got {text!r}")
+    return host.strip("[]"), int(port)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+async def load_static(store: Store, path: Path) -> int:
+    """registry(4)'s -f: entries with service=NAME become persistent services."""
+    from geryon import ndb
+
+    db = ndb.Database.open(path)
+    caller = Caller(STATIC_OWNER, "admin")
+    n = 0
+    for entry in db.find("service"):
+        pairs = [(p.attr, p.value) for p in entry.pairs]
+        name = next(v for a, v in pairs if a == "service")
+        attrs = {a: v for a, v in pairs if a != "service"}
+        existing = store.services.get(name)
+        if existing is not None and existing.owner != STATIC_OWNER:
+            log.warning("registryd: -f: %s is registered by %s; left alone", name, existing.owner)
+            continue
+        _, durable = store.register(name, attrs, lease=0, persist=True, caller=caller)
+        await wait(durable)
+        n += 1
+    return n
+
+
+async def serve(args: argparse.Namespace) -> int:
+    host, port = split_hostport(args.listen, "--listen")
+    if args.tls_dir is None and not is_loopback(host) and not args.insecure:
+        print(
+            f"geryon-registryd: refusing plain text on non-loopback {args.listen}: "
+            "give --tls-dir, or --insecure if you mean it",
+            file=sys.stderr,
+        )
+        return 2
+    data_dir = args.data_dir or default_data_dir()
+    store = await Store.open(
+        data_dir, limits=Limits(history_events=args.history, history_age_s=args.history_age)
+    )
+    hub = Hub(backlog=args.watch_backlog)
+    store.on_commit.append(hub.publish)
+    authenticate = None
+    credentials = None
+    if args.tls_dir is not None:
+        from geryon import tls
+
+        credentials = tls.server_credentials(Path(args.tls_dir))
+        authenticate = tls.authenticator()
+    servicer = RegistryService(
+        store,
+        hub,
+        progress_interval=args.progress_interval,
+        **({"authenticate": authenticate} if authenticate else {}),
+    )
+    if args.static:
+        n = await load_static(store, args.static)
+        log.info("registryd: loaded %d static services from %s", n, args.static)
+
+    interceptors = []
+    if args.metrics:
+        from geryon.metrics import Metrics
+
+        metrics = Metrics(store, hub)
+        mhost, mport = split_hostport(args.metrics, "--metrics")
+        metrics.serve(mhost, mport)
+        interceptors.append(metrics.interceptor())
+    server = grpc.aio.server(
+        interceptors=interceptors,
+        options=[
+            ("grpc.max_receive_message_length", 4 * 1024 * 1024),
+            # Find dead peers whose kernel never said goodbye (power loss,
+            # partitions); a clean exit or kill -9 closes the socket at once.
+            ("grpc.keepalive_time_ms", 10_000),
+            ("grpc.keepalive_timeout_ms", 5_000),
+            ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+            ("grpc.keepalive_permit_without_calls", 1),
+        ],
+    )
+    pb_grpc.add_RegistryServicer_to_server(servicer, server)
+    health = health_aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    reflection.enable_server_reflection(
+        (
+            SERVICE_NAME,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ),
+        server,
+    )
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    if credentials is not None:
+        bound = server.add_secure_port(address, credentials)
+    else:
+        bound = server.add_insecure_port(address)
+    await server.start()
+    await health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+    keeper = asyncio.create_task(leases.keep(store), name="lease-keeper")
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    if args.tls_dir is not None:
+        loop.add_signal_handler(signal.SIGHUP, lambda: servicer_reload(servicer))
+    print(
+        f"registryd: serving on {host}:{bound} revision {store.revision} data {data_dir}",
+        file=sys.stderr,
+        flush=True,
+    )
+
+    await stop.wait()
+    log.info("registryd: shutting down")
+    await health.enter_graceful_shutdown()
+    servicer.shutdown()
+    await server.stop(GRACE_S)
+    keeper.cancel()
+    await asyncio.gather(keeper, return_exceptions=True)
+    await store.close()
+    log.info("registryd: stopped at revision %d", store.durable_revision)
+    return 0
+
+
+def servicer_reload(servicer: RegistryService) -> None:
+    from geryon import tls
+
+    tls.reload()
+    log.info("registryd: SIGHUP: credentials and deny list re-read")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(message)s", stream=sys.stderr
+    )
+    try:
+        sys.exit(asyncio.run(serve(args)))
+    except GeryonError as exc:
+        print(f"geryon-registryd: {exc}", file=sys.stderr)
+        sys.exit(1)
+    except OSError as exc:
+        print(f"geryon-registryd: {exc}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,214 @@
+"""Shared fixtures: real daemons as subprocesses on free loopback ports.
+
+A daemon is started, its ready line awaited with a timeout, and on a failed
+test its data dir and log are kept (pytest's tmp_path survives) and the log
+is printed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from geryon.client import Client
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+READY_TIMEOUT = 20.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def eventually(  # noqa: ASYNC109
+    check: Callable[[], object], *, timeout: float = 10.0, interval: float = 0.02
+) -> object:
+    """Poll an (async or plain) check until it returns truthy; fail on timeout."""
+    deadline = time.monotonic() + timeout
+    last: object = None
+    while True:
+        last = check()
+        if asyncio.iscoroutine(last):
+            last = await last
+        if last:
+            return last
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met in {timeout}s (last: {last!r})")
+        await asyncio.sleep(interval)
+
+
+class Daemon:
+    """One real process with its log in a file, waited for by a ready line."""
+
+    def __init__(self, argv: list[str], log: Path, ready: str, env: dict | None = None) -> None:
+        self.argv, self.log_path, self.ready, self.env = argv, log, ready, env
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> Daemon:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            self.argv,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env={**os.environ, **(self.env or {})},
+        )
+        log.close()
+        deadline = time.monotonic() + READY_TIMEOUT
+        while time.monotonic() < deadline:
+            text = self.log_path.read_bytes()[offset:].decode(errors="replace")
+            if self.ready in text:
+                return self
+            if self.proc.poll() is not None:
+                raise AssertionError(f"{self.argv[0]} exited {self.proc.returncode}:\n{text}")
+            time.sleep(0.02)
+        raise AssertionError(f"{self.argv[0]} not ready in {READY_TIMEOUT}s:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def kill9(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def stop(self, timeout: float = 10.0) -> int:
+        """SIGTERM and wait; return the exit status."""
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+
+class Registry(Daemon):
+    def __init__(
+        self,
+        data_dir: Path,
+        port: int | None = None,
+        extra: list[str] = (),
+        env: dict | None = None,
+    ) -> None:
+        self.port = port or free_port()
+        self.data_dir = data_dir
+        self.extra = list(extra)
+        super().__init__(
+            [
+                str(BIN / "geryon-registryd"),
+                "--listen",
+                f"127.0.0.1:{self.port}",
+                "--data-dir",
+                str(data_dir),
+                *self.extra,
+            ],
+            data_dir.parent / f"{data_dir.name}.log",
+            "serving on",
+            env,
+        )
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def client(self, **kw: object) -> Client:
+        return Client(self.address, retry_for=kw.pop("retry_for", 10.0), **kw)  # type: ignore[arg-type]
+
+    def restart(self) -> Registry:
+        self.kill9()
+        return self.start()
+
+
+@pytest.fixture
+def daemons(request: pytest.FixtureRequest) -> Iterator[list[Daemon]]:
+    """Every daemon a test starts; killed after it, logs shown when it failed."""
+    started: list[Daemon] = []
+    yield started
+    failed = getattr(request.node, "rep_call", None)
+    for d in reversed(started):
+        d.kill9()
+        if failed is not None and failed.failed:
+            sys.stderr.write(f"\n---- {d.log_path} ----\n{d.log()[-4000:]}\n")
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):  # type: ignore[no-untyped-def]
+    rep = yield
+    setattr(item, "rep_" + rep.when, rep)
+    return rep
+
+
+@pytest.fixture
+def start_registry(tmp_path: Path, daemons: list[Daemon]) -> Callable[..., Registry]:
+    def start(name: str = "registry", **kw: object) -> Registry:
+        r = Registry(tmp_path / name, **kw)  # type: ignore[arg-type]
+        daemons.append(r)
+        return r.start()  # type: ignore[return-value]
+
+    return start
+
+
+@pytest.fixture
+def registry(start_registry: Callable[..., Registry]) -> Registry:
+    return start_registry()
+
+
+@pytest.fixture
+async def client(registry: Registry) -> AsyncIterator[Client]:
+    async with registry.client() as c:
+        yield c
+
+
+def run_cli(
+    *args: str, env: dict | None = None, input: str | None = None, timeout: float = 30.0
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(BIN / "geryon"), *args],
+        capture_output=True,
+        text=True,
+        input=input,
+        env={**os.environ, **(env or {})},
+        timeout=timeout,
+    )
+
+
+@contextlib.contextmanager
+def child(argv: list[str], **kw: object) -> Iterator[subprocess.Popen]:
+    proc = subprocess.Popen(argv, **kw)  # type: ignore[call-overload]
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()

@@ -13,6 +13,7 @@ import json
 import os
 import sys
 from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from geryon import errors
@@ -197,6 +198,27 @@ async def cmd_leases(args: argparse.Namespace) -> int:
     return 0
 
 
+async def cmd_ca(args: argparse.Namespace) -> int:
+    from geryon import tls
+
+    if args.ca_command == "init":
+        tls.init_ca(Path(args.cadir), days=args.days)
+        print(f"geryon: cluster CA in {args.cadir}: keep ca.key secret")
+    elif args.ca_command == "issue":
+        out = tls.issue(Path(args.cadir), args.name, role=args.role, out=Path(args.out),
+                        days=args.days, sans=args.san or ())
+        print(tls.show(out))
+    else:
+        print(tls.show(Path(args.dir)))
+    return 0
+
+
+async def cmd_ndb(args: argparse.Namespace) -> int:
+    from geryon import ndb
+
+    return ndb.query_main(args.args, sys.stdout, sys.stderr)
+
+
 # ---- the parser ------------------------------------------------------------
 
 
@@ -294,6 +316,35 @@ def build_parser() -> argparse.ArgumentParser:
     le = sub.add_parser("leases", help="list live leases")
     le.add_argument("--json", action="store_true")
     le.set_defaults(run=cmd_leases)
+
+    ca = sub.add_parser("ca", help="make a cluster CA and issue identities",
+                        description="Identities for mutual TLS: a cluster CA (Inferno's "
+                        "createsignerkey) and certificates naming geryon://ROLE/NAME "
+                        "(getauthinfo). Keys are written mode 0600 and never printed.")
+    casub = ca.add_subparsers(dest="ca_command", metavar="CA_COMMAND")
+    casub.required = True
+    init = casub.add_parser("init", help="make a cluster CA in CADIR")
+    init.add_argument("cadir")
+    init.add_argument("--days", type=int, default=3650)
+    iss = casub.add_parser("issue", help="issue an identity: ca.crt, cert.pem, key.pem in --out")
+    iss.add_argument("cadir")
+    iss.add_argument("name")
+    iss.add_argument("--role", required=True, choices=["server", "admin", "node", "reader"])
+    iss.add_argument("--out", required=True, metavar="DIR")
+    iss.add_argument("--days", type=int, default=365)
+    iss.add_argument("--san", action="append", metavar="HOST",
+                     help="extra DNS name or IP for a server certificate (repeatable)")
+    show = casub.add_parser("show", help="who a certificate says it is, and when it expires")
+    show.add_argument("dir", metavar="DIR_OR_CERT")
+    ca.set_defaults(run=cmd_ca)
+
+    nd = sub.add_parser("ndb", help="query an ndb file as Inferno's ndb/query does")
+    ndsub = nd.add_subparsers(dest="ndb_command", metavar="NDB_COMMAND")
+    ndsub.required = True
+    q = ndsub.add_parser("query", help="ndb/query [-a] [-f FILE] ATTR [VALUE [RATTR]]",
+                         prefix_chars="\0", add_help=False)
+    q.add_argument("args", nargs=argparse.REMAINDER)
+    nd.set_defaults(run=cmd_ndb)
     return p
 
 

@@ -102,7 +102,9 @@ class Client:
         own_connection: bool = False,
     ) -> None:
         self.target = target or os.environ.get("GERYON_REGISTRY") or DEFAULT_REGISTRY
-        self.tls_dir = Path(tls_dir) if tls_dir else None
+        if tls_dir is None:
+            tls_dir = os.environ.get("GERYON_TLS_DIR")
+        self.tls_dir = Path(tls_dir) if tls_dir else None  # "" forces plain text
         self.retry_for = retry_for
         user = user or os.environ.get("GERYON_USER")
         self.metadata: tuple[tuple[str, str], ...] = (("geryon-user", user),) if user else ()
@@ -148,7 +150,7 @@ class Client:
     async def _call(self, call: Callable[..., Awaitable[T]], request: object) -> T:
         async for attempt in AsyncRetrying(
             retry=retry_if_exception(_transient),
-            wait=wait_exponential_jitter(initial=0.05, max=2.0, jitter=0.2),
+            wait=wait_exponential_jitter(multiplier=0.05, max=2.0, jitter=0.2),
             stop=stop_after_delay(self.retry_for),
             reraise=True,
         ):

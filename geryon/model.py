@@ -95,11 +95,20 @@ class Filter:
         return True
 
 
+def _utf8(text: str, field_name: str, what: str) -> bytes:
+    # A lone surrogate (from surrogateescape, say) has no UTF-8 form: that is
+    # bad input, not an internal error.
+    try:
+        return text.encode()
+    except UnicodeEncodeError:
+        raise InvalidArgument(f"{field_name}: {what} is not valid UTF-8") from None
+
+
 def validate_name(name: str, field_name: str = "name") -> str:
     """Check a service name; return it or raise InvalidArgument naming the field."""
     if not name:
         raise InvalidArgument(f"{field_name}: empty service name")
-    if len(name.encode()) > MAX_NAME_BYTES:
+    if len(_utf8(name, field_name, "service name")) > MAX_NAME_BYTES:
         raise InvalidArgument(f"{field_name}: service name longer than {MAX_NAME_BYTES} bytes")
     if name in RESERVED_NAMES:
         raise InvalidArgument(f"{field_name}: {name!r} is a reserved name")
@@ -125,7 +134,7 @@ def validate_attrs(attrs: Mapping[str, str], field_name: str = "attrs") -> dict[
         raise InvalidArgument(f"{field_name}: more than {MAX_ATTRS} attributes")
     for attr, value in attrs.items():
         validate_attr_name(attr, field_name)
-        if len(value.encode()) > MAX_VALUE_BYTES:
+        if len(_utf8(value, field_name, f"value of {attr!r}")) > MAX_VALUE_BYTES:
             raise InvalidArgument(
                 f"{field_name}: value of {attr!r} longer than {MAX_VALUE_BYTES} bytes"
             )
@@ -155,6 +164,7 @@ class Caller:
 
     name: str
     role: str = "admin"
+    serial: str = ""  # the certificate's, hex; empty over plain text
 
     @property
     def admin(self) -> bool:

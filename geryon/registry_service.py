@@ -24,9 +24,11 @@ from geryon.errors import (
     InvalidArgument,
     PermissionDenied,
     ResourceExhausted,
+    Unauthenticated,
     Unavailable,
 )
 from geryon.model import Caller, Event, Filter, Revision, validate_filter
+from geryon.quota import Quota
 from geryon.store import Store, wait
 from geryon.watch import Hub, Watcher
 
@@ -68,12 +70,18 @@ class RegistryService(pb_grpc.RegistryServicer):
         authenticate: Authenticate = plaintext_caller,
         progress_interval: float = DEFAULT_PROGRESS_S,
         max_watches_per_caller: int = 1000,
+        writes: Quota | None = None,
+        keepalives: Quota | None = None,
     ) -> None:
         self.store = store
         self.hub = hub
         self.authenticate = authenticate
         self.progress_interval = progress_interval
         self.max_watches = max_watches_per_caller
+        self.writes = writes or Quota(0)
+        self.keepalives = keepalives or Quota(0)
+        # Open streams by caller, so a newly denied identity can be cut off.
+        self.streams: dict[object, tuple[Caller, Callable[[], None]]] = {}
         # Set before the server stops, so streams it ends do not look like
         # clients that went away (which would end their leases).
         self.stopping = False
@@ -93,11 +101,12 @@ class RegistryService(pb_grpc.RegistryServicer):
     def _may_write(self, caller: Caller, what: str) -> None:
         if caller.role not in WRITERS:
             raise PermissionDenied(f"{caller.role} {caller.name} may not {what}")
+        self.writes.take(caller.name, what)
 
     async def _mutated(self, caller: Caller, what: str, result: tuple[T, Any]) -> T:
         value, durable = result
         await wait(durable)
-        log.info("registryd: %s by %s", what, caller.name)
+        log.info("registryd: %s by %s %s", what, caller.role, caller.name)
         return value
 
     # ---- services -----------------------------------------------------------
@@ -233,10 +242,15 @@ class RegistryService(pb_grpc.RegistryServicer):
         # another stream moves there, so only the newest holder's end counts.
         token = object()
         held: set[int] = set()
+        task = asyncio.current_task()
         try:
             caller = self.authenticate(context)
+            if caller.role not in WRITERS:
+                raise PermissionDenied(f"{caller.role} {caller.name} may not keep leases alive")
+            if task is not None:
+                self.streams[token] = (caller, task.cancel)
             async for request in request_iterator:
-                self._may_write(caller, "keep leases alive")
+                self.keepalives.take(caller.name, "keepalive")
                 ttl = self.store.keepalive(request.lease, caller=caller)
                 if ttl:
                     held.add(request.lease)
@@ -247,6 +261,7 @@ class RegistryService(pb_grpc.RegistryServicer):
         except GeryonError as exc:
             await _abort(context, exc)
         finally:
+            self.streams.pop(token, None)
             if not self.stopping:
                 self._release(held, token)
 
@@ -285,6 +300,10 @@ class RegistryService(pb_grpc.RegistryServicer):
                 watcher = self.hub.subscribe(flt, after=at, owner=caller.name)
             else:
                 watcher = self._subscribe_from(flt, create.start_revision, caller)
+            self.streams[watcher] = (
+                caller,
+                lambda w=watcher: w.fail(Unauthenticated(f"{caller.name}: certificate denied")),
+            )
             progress = asyncio.Event()
             if not create.snapshot and not create.start_revision:
                 # Tell the client where it starts, so it can resume from there.
@@ -315,6 +334,7 @@ class RegistryService(pb_grpc.RegistryServicer):
         except GeryonError as exc:
             await _abort(context, exc)
         finally:
+            self.streams.pop(watcher, None)
             if reader is not None:
                 reader.cancel()
             if watcher is not None:
@@ -395,6 +415,15 @@ class RegistryService(pb_grpc.RegistryServicer):
         )
 
     # ---- shutdown -----------------------------------------------------------
+
+    def cut_off(self, denied: Callable[[Caller], bool]) -> int:
+        """End every open stream of a caller ``denied`` now says is refused."""
+        n = 0
+        for caller, cut in list(self.streams.values()):
+            if denied(caller):
+                cut()
+                n += 1
+        return n
 
     def shutdown(self) -> None:
         """End every stream with UNAVAILABLE, leaving leases alone."""

@@ -15,6 +15,7 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -22,11 +23,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
-from geryon import leases
+from geryon import leases, tls
 from geryon.convert import pb, pb_grpc
-from geryon.errors import GeryonError
+from geryon.errors import GeryonError, Unauthenticated
 from geryon.model import Caller
-from geryon.registry_service import RegistryService
+from geryon.quota import Quota
+from geryon.registry_service import RegistryService, plaintext_caller
 from geryon.store import Limits, Store, wait
 from geryon.watch import DEFAULT_BACKLOG, Hub
 
@@ -77,6 +79,34 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument(
         "--insecure", action="store_true", help="allow plain text on a non-loopback address"
+    )
+    p.add_argument(
+        "--deny",
+        type=Path,
+        metavar="FILE",
+        help="certificate names or serials to refuse, one a line (re-read on SIGHUP)",
+    )
+    p.add_argument(
+        "--write-rate",
+        type=float,
+        default=20_000,
+        metavar="PER_S",
+        help="writes per second per identity before RESOURCE_EXHAUSTED "
+        "(bursts of twice that; 0: unlimited; default 20000)",
+    )
+    p.add_argument(
+        "--keepalive-rate",
+        type=float,
+        default=100,
+        metavar="PER_S",
+        help="keepalives per second per identity (default 100)",
+    )
+    p.add_argument(
+        "--max-watches",
+        type=int,
+        default=1000,
+        metavar="N",
+        help="open Watch streams per identity (default 1000)",
     )
     p.add_argument("--metrics", metavar="HOST:PORT", help="serve Prometheus metrics here")
     p.add_argument(
@@ -142,7 +172,10 @@ async def load_static(store: Store, path: Path) -> int:
         if existing is not None and existing.owner != STATIC_OWNER:
             log.warning("registryd: -f: %s is registered by %s; left alone", name, existing.owner)
             continue
-        _, durable = store.register(name, attrs, lease=0, persist=True, caller=caller)
+        try:
+            _, durable = store.register(name, attrs, lease=0, persist=True, caller=caller)
+        except GeryonError as exc:
+            raise GeryonError(f"-f {entry.file}:{entry.lineno}: {exc}") from None
         await wait(durable)
         n += 1
     return n
@@ -163,18 +196,16 @@ async def serve(args: argparse.Namespace) -> int:
     )
     hub = Hub(backlog=args.watch_backlog)
     store.on_commit.append(hub.publish)
-    authenticate = None
-    credentials = None
-    if args.tls_dir is not None:
-        from geryon import tls
-
-        credentials = tls.server_credentials(Path(args.tls_dir))
-        authenticate = tls.authenticator()
+    deny = tls.DenyList(args.deny) if args.deny else None
+    credentials = tls.server_credentials(Path(args.tls_dir)) if args.tls_dir else None
     servicer = RegistryService(
         store,
         hub,
+        authenticate=authenticator(deny) if credentials else plaintext_caller,
         progress_interval=args.progress_interval,
-        **({"authenticate": authenticate} if authenticate else {}),
+        max_watches_per_caller=args.max_watches,
+        writes=Quota(args.write_rate),
+        keepalives=Quota(args.keepalive_rate),
     )
     if args.static:
         n = await load_static(store, args.static)
@@ -191,7 +222,8 @@ async def serve(args: argparse.Namespace) -> int:
     server = grpc.aio.server(
         interceptors=interceptors,
         options=[
-            ("grpc.max_receive_message_length", 4 * 1024 * 1024),
+            # A request holds at most one entry (64 attributes of 1 KiB).
+            ("grpc.max_receive_message_length", 256 * 1024),
             # Find dead peers whose kernel never said goodbye (power loss,
             # partitions); a clean exit or kill -9 closes the socket at once.
             ("grpc.keepalive_time_ms", 10_000),
@@ -224,8 +256,7 @@ async def serve(args: argparse.Namespace) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    if args.tls_dir is not None:
-        loop.add_signal_handler(signal.SIGHUP, lambda: servicer_reload(servicer))
+    loop.add_signal_handler(signal.SIGHUP, lambda: reload(servicer, deny, tls_on=bool(credentials)))
     print(
         f"registryd: serving on {host}:{bound} revision {store.revision} data {data_dir}",
         file=sys.stderr,
@@ -244,11 +275,30 @@ async def serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def servicer_reload(servicer: RegistryService) -> None:
-    from geryon import tls
+def authenticator(deny: tls.DenyList | None) -> Callable[[object], Caller]:
+    """Callers over mutual TLS: the verified certificate's geryon:// identity."""
 
-    tls.reload()
-    log.info("registryd: SIGHUP: credentials and deny list re-read")
+    def authenticate(context: object) -> Caller:
+        ident = tls.identity_from_context(context)
+        caller = Caller(ident.name, ident.role, ident.serial)
+        if deny is not None and deny.denied(caller):
+            raise Unauthenticated(f"certificate of {ident.name} (serial {ident.serial}) is denied")
+        return caller
+
+    return authenticate
+
+
+def reload(servicer: RegistryService, deny: tls.DenyList | None, *, tls_on: bool) -> None:
+    """SIGHUP: re-read credentials and the deny list; cut off the newly denied."""
+    try:
+        if tls_on:
+            tls.reload_server_credentials()
+        if deny is not None:
+            deny.reload()
+            n = servicer.cut_off(deny.denied)
+            log.info("registryd: SIGHUP: deny list has %d entries; %d streams closed", len(deny), n)
+    except GeryonError as exc:  # keep serving with what we had
+        log.error("registryd: SIGHUP: %s", exc)
 
 
 def main(argv: list[str] | None = None) -> None:

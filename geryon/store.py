@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import heapq
+import itertools
 import json
 import logging
 import sqlite3
@@ -352,7 +353,11 @@ class Store:
                 candidates, smallest = names, size
         if candidates is None:
             if flt.prefix:
-                candidates = self.names.irange(flt.prefix, flt.prefix + "\U0010ffff")
+                # Names with the prefix sort first from it on; no string bounds
+                # them from above (prefix + U+10FFFF + more sorts past that).
+                candidates = itertools.takewhile(
+                    lambda n: n.startswith(flt.prefix), self.names.irange(flt.prefix)
+                )
             else:
                 candidates = self.names
             out = [self.services[n] for n in candidates]

@@ -39,3 +39,6 @@ lint: lint-buf
 
 test-node: $(NODE_CLIENT_DIR)/$(NODE_STAMP)
 	cd $(NODE_CLIENT_DIR) && $(NPM) test --silent </dev/null
+
+# make test runs the Node client's scenario against a real registry.
+test: node-deps

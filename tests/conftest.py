@@ -33,7 +33,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-async def eventually(  # noqa: ASYNC109
+async def eventually(
     check: Callable[[], object], *, timeout: float = 10.0, interval: float = 0.02
 ) -> object:
     """Poll an (async or plain) check until it returns truthy; fail on timeout."""

@@ -110,12 +110,16 @@ async def cmd_get(args: argparse.Namespace) -> int:
 
 
 async def cmd_set(args: argparse.Namespace) -> int:
+    if args.rev < 0:
+        raise UsageError(f"--rev: want a revision, got {args.rev}")
     attrs = parse_attrs(args.attrs)
     remove = [parse_attr(a + "=", wildcard=False)[0] for a in args.rm_attr or ()]
     async with client_for(args) as c:
         try:
             await c.get(args.name)
         except errors.NotFound:
+            if args.rev:
+                raise
             if not args.persist:
                 raise UsageError(
                     f"{args.name} does not exist; give --persist to create it "

@@ -456,3 +456,38 @@ def test_refuses_plaintext_on_non_loopback(tmp_path) -> None:
     )
     assert r.returncode != 0
     assert "refusing plain text" in r.stderr and "Traceback" not in r.stderr
+
+
+async def test_stalled_registry_extends_leases_instead_of_expiring(registry: Registry) -> None:
+    async with registry.client() as c:
+        lease = c.lease(1_000)
+        await lease.start()
+        await c.register("tcp!stall!1", {"svc": "x"}, lease=lease.id)
+        # Freeze the registry well past the TTL: its clients could not renew,
+        # and that was its fault, not theirs.
+        registry.signal(signal.SIGSTOP)
+        await asyncio.sleep(2.5)
+        registry.signal(signal.SIGCONT)
+        await asyncio.sleep(1.0)  # keepalives resume
+        assert [s.name for s in (await c.find())[0]] == ["tcp!stall!1"]
+        assert not lease.lost.is_set()
+        await lease.close(revoke=True)
+    assert "stalled" in registry.log()
+
+
+async def test_metrics_endpoint(start_registry) -> None:
+    import urllib.request
+
+    from conftest import free_port
+
+    port = free_port()
+    registry = start_registry(extra=["--metrics", f"127.0.0.1:{port}"])
+    async with registry.client() as c:
+        await c.register("tcp!m!1", {"svc": "x"}, persist=True)
+        with pytest.raises(errors.NotFound):
+            await c.get("nope")
+    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    assert "geryon_services 1.0" in body
+    assert 'geryon_rpcs_total{code="OK",method="Register"} 1.0' in body
+    assert 'geryon_rpcs_total{code="NOT_FOUND",method="Get"} 1.0' in body
+    assert "geryon_commit_seconds_count" in body

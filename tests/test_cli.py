@@ -1,0 +1,101 @@
+"""The geryon command line against a real registry: output formats and errors."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+
+from conftest import BIN, Registry, run_cli
+
+
+def cli(registry: Registry, *args: str) -> subprocess.CompletedProcess[str]:
+    return run_cli(*args, env={"GERYON_REGISTRY": registry.address, "GERYON_TLS_DIR": ""})
+
+
+def test_ls_prints_registry4_text_quoted_as_inferno(registry: Registry) -> None:
+    assert (
+        cli(
+            registry, "set", "tcp!h0!1", "svc=rstyx", "note=a b", "empty=", "q=it's", "--persist"
+        ).returncode
+        == 0
+    )
+    assert cli(registry, "set", "d0.mbox", "addr=tcp!h0!1", "--persist").returncode == 0
+    out = cli(registry, "ls").stdout
+    assert out == "d0.mbox addr tcp!h0!1\ntcp!h0!1 empty '' note 'a b' q 'it''s' svc rstyx\n"
+    assert cli(registry, "ls", "--attr", "svc=rstyx", "-n").stdout == "tcp!h0!1\n"
+    assert cli(registry, "ls", "--attr", "empty", "-n").stdout == "tcp!h0!1\n"
+    assert cli(registry, "ls", "--attr", "empty=*", "--attr", "svc=rstyx", "-n").stdout == (
+        "tcp!h0!1\n"
+    )
+    assert cli(registry, "ls", "--prefix", "d0", "-n").stdout == "d0.mbox\n"
+    listed = json.loads(cli(registry, "ls", "--json").stdout)
+    assert [s["name"] for s in listed] == ["d0.mbox", "tcp!h0!1"]
+    assert listed[1]["attrs"]["note"] == "a b" and listed[1]["lease"] == 0
+
+
+def test_set_get_rm_and_fences(registry: Registry) -> None:
+    r = cli(registry, "set", "d0.mbox", "addr=x")
+    assert r.returncode == 2 and "--persist" in r.stderr
+    assert cli(registry, "set", "d0.mbox", "addr=x", "automount=1", "--persist").returncode == 0
+    assert cli(registry, "set", "d0.mbox", "addr=y", "--rm-attr", "automount").stdout == (
+        "d0.mbox addr y\n"
+    )
+    got = json.loads(cli(registry, "get", "d0.mbox", "--json").stdout)
+    stale = got["mod_revision"] - 1
+    r = cli(registry, "rm", "d0.mbox", "--rev", str(stale))
+    assert r.returncode == 1 and "mod_revision" in r.stderr
+    assert cli(registry, "rm", "d0.mbox", "--rev", str(got["mod_revision"])).returncode == 0
+    r = cli(registry, "get", "d0.mbox")
+    assert r.returncode == 1 and r.stderr == "geryon: no service 'd0.mbox'\n"
+
+
+def test_bad_input_one_line_errors(registry: Registry) -> None:
+    for args in (
+        ["set", "a/b", "x=1", "--persist"],
+        ["ls", "--attr", "b@d=1"],
+        ["set", "ok", "noequals", "--persist"],
+        ["rm", "new"],
+        ["set", "ok", "x=1", "--persist", "--rev", "-3"],
+    ):
+        r = cli(registry, *args)
+        assert r.returncode != 0, args
+        assert r.stderr.startswith("geryon: ") and r.stderr.count("\n") == 1, (args, r.stderr)
+    r = run_cli("--registry", "127.0.0.1:1", "--timeout", "1", "ls")
+    assert r.returncode == 1 and "unreachable" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_watch_prints_events_until_interrupted(registry: Registry) -> None:
+    assert cli(registry, "set", "a", "svc=x", "--persist").returncode == 0
+    proc = subprocess.Popen(
+        [
+            str(BIN / "geryon"),
+            "--registry",
+            registry.address,
+            "watch",
+            "--snapshot",
+            "--attr",
+            "svc=x",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout.readline().startswith("SNAPSHOT ")
+        assert proc.stdout.readline().startswith("SYNCED ")
+        cli(registry, "set", "a", "svc=y")
+        line = proc.stdout.readline().split()
+        assert line[0] == "DELETE" and line[2] == "a"
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(10)
+    assert "Traceback" not in proc.stderr.read()
+
+
+def test_help_texts() -> None:
+    for args in ([], ["ls"], ["watch"], ["set"], ["ca"], ["ndb"]):
+        r = run_cli(*args, "--help")
+        assert r.returncode == 0 and "usage: geryon" in r.stdout
+    r = subprocess.run([str(BIN / "geryon-registryd"), "--help"], capture_output=True, text=True)
+    assert "--data-dir" in r.stdout and "--tls-dir" in r.stdout

@@ -148,6 +148,13 @@ class Client:
             raise error_from_rpc(exc) from exc
 
     async def _call(self, call: Callable[..., Awaitable[T]], request: object) -> T:
+        # The first try runs outside tenacity: its per-call machinery would
+        # cost more than the RPC itself on the common, successful path.
+        try:
+            return await self._once(call, request)
+        except errors.GeryonError as exc:
+            if not exc.transient:
+                raise
         async for attempt in AsyncRetrying(
             retry=retry_if_exception(_transient),
             wait=wait_exponential_jitter(multiplier=0.05, max=2.0, jitter=0.2),

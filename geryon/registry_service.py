@@ -55,6 +55,20 @@ def plaintext_caller(context: grpc.aio.ServicerContext) -> Caller:
     return Caller("admin", "admin")
 
 
+def local_admin_on_unix(authenticate: Authenticate, name: str) -> Authenticate:
+    """Callers on a unix socket are the local admin ``name``; others go to
+    ``authenticate``. Only for registryd's private socket, in a 0700 data dir
+    that nobody but the daemon's own user (its in-process reconciler) reaches."""
+
+    def local_or(context: grpc.aio.ServicerContext) -> Caller:
+        # gRPC names a unix-socket peer "unix:PATH" (TCP peers are ipv4:/ipv6:).
+        if context.peer().startswith("unix:"):
+            return Caller(name, "admin")
+        return authenticate(context)
+
+    return local_or
+
+
 async def _abort(context: grpc.aio.ServicerContext, exc: GeryonError) -> None:
     if exc.resume_revision:
         context.set_trailing_metadata(((RESUME_KEY, str(exc.resume_revision)),))
@@ -118,6 +132,9 @@ class RegistryService(pb_grpc.RegistryServicer):
                 raise PermissionDenied(
                     f"{caller.role} {caller.name} may not create persistent entries"
                 )
+            # A no-op (the same entry again) makes no revision: its header is
+            # the revision it was decided at, not the entry's older mod_revision.
+            decided_at = self.store.revision
             s = await self._mutated(
                 caller,
                 f"register {request.name}",
@@ -129,13 +146,16 @@ class RegistryService(pb_grpc.RegistryServicer):
                     caller=caller,
                 ),
             )
-            return pb.RegisterResponse(header=header(s.mod_revision), service=service_to_pb(s))
+            return pb.RegisterResponse(
+                header=header(max(s.mod_revision, decided_at)), service=service_to_pb(s)
+            )
 
         return await self._call(context, do)
 
     async def Update(self, request: pb.UpdateRequest, context: Any) -> pb.UpdateResponse:
         async def do(caller: Caller) -> pb.UpdateResponse:
             self._may_write(caller, "update")
+            decided_at = self.store.revision  # as in Register: for a no-op
             s = await self._mutated(
                 caller,
                 f"update {request.name}",
@@ -147,7 +167,9 @@ class RegistryService(pb_grpc.RegistryServicer):
                     caller=caller,
                 ),
             )
-            return pb.UpdateResponse(header=header(s.mod_revision), service=service_to_pb(s))
+            return pb.UpdateResponse(
+                header=header(max(s.mod_revision, decided_at)), service=service_to_pb(s)
+            )
 
         return await self._call(context, do)
 

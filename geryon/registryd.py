@@ -28,7 +28,7 @@ from geryon.convert import pb, pb_grpc
 from geryon.errors import GeryonError, Unauthenticated
 from geryon.model import Caller
 from geryon.quota import Quota
-from geryon.registry_service import RegistryService, plaintext_caller
+from geryon.registry_service import RegistryService, local_admin_on_unix, plaintext_caller
 from geryon.store import Limits, Store, wait
 from geryon.watch import DEFAULT_BACKLOG, Hub
 
@@ -137,6 +137,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="SECONDS",
         help="progress notices to idle watchers (default 10)",
     )
+    p.add_argument("--ndb", type=Path, metavar="FILE", help="also run geryon-reconciler on FILE")
+    p.add_argument("--failback", default="auto", choices=["auto", "never"], help="its --failback")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return p.parse_args(argv)
 
@@ -248,9 +250,23 @@ async def serve(args: argparse.Namespace) -> int:
         bound = server.add_secure_port(address, credentials)
     else:
         bound = server.add_insecure_port(address)
+    if args.ndb:
+        # --ndb: the reconciler runs in here as a plain client of a private unix
+        # socket in the 0700 data dir; callers on it are the local admin "reconciler".
+        data_dir.chmod(0o700)
+        server.add_insecure_port(f"unix:{data_dir / 'reconciler.sock'}")
+        servicer.authenticate = local_admin_on_unix(servicer.authenticate, "reconciler")
     await server.start()
     await health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
     keeper = asyncio.create_task(leases.keep(store), name="lease-keeper")
+    reconciler = None
+    if args.ndb:
+        from geryon.reconciler import run_at
+
+        target = f"unix:{data_dir / 'reconciler.sock'}"
+        reconciler = asyncio.create_task(
+            run_at(target, args.ndb, failback=args.failback), name="reconciler"
+        )
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -265,6 +281,9 @@ async def serve(args: argparse.Namespace) -> int:
 
     await stop.wait()
     log.info("registryd: shutting down")
+    if reconciler is not None:  # first: it is a client of this server
+        reconciler.cancel()
+        await asyncio.gather(reconciler, return_exceptions=True)
     await health.enter_graceful_shutdown()
     servicer.shutdown()
     await server.stop(GRACE_S)

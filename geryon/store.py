@@ -232,6 +232,8 @@ class Store:
 
     async def sync(self) -> Revision:
         """Wait until everything applied so far is durable; return that revision."""
+        if self._failed is not None:  # what memory holds never became durable
+            raise self._failed
         revision = self.revision
         pending = self._batch or self._inflight
         if pending is not None:
@@ -255,6 +257,11 @@ class Store:
                     self._failed = exc
                     batch.future.set_exception(exc)
                     self._inflight = None
+                    # Writes queued behind this one can never commit either:
+                    # fail them too rather than leave their waiters hanging.
+                    if self._batch is not None:
+                        self._batch.future.set_exception(exc)
+                        self._batch = None
                     return
                 if self.commit_latency is not None:
                     self.commit_latency(time.perf_counter() - started)

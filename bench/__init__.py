@@ -1,0 +1,1 @@
+"""Geryon's benchmark: ``make bench`` runs ``python -m bench.run``; see README.md."""

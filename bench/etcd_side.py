@@ -1,0 +1,262 @@
+"""etcd under test: Debian's etcd 3.4 and raw grpc.aio stubs generated at
+bench time (see etcd_stubs.py).
+
+A service is a key ``svc/NAME`` whose value is its attributes as compact JSON;
+a leased one is put with the lease. etcd has no attribute index, so Find is
+what its users must do: range over the prefix and filter on the client.
+
+etcd runs as one member on loopback ports with its data in the run's temporary
+directory and its defaults otherwise: in particular it fsyncs its WAL on every
+commit (``--unsafe-no-fsync`` is not given), as Geryon fsyncs SQLite.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Mapping
+from pathlib import Path
+from types import ModuleType
+
+import grpc
+
+from bench import procs
+from bench.core import ETCD, Conn, KeepAlive, Side, Watch
+
+PREFIX = b"svc/"
+DELETE = 1  # mvccpb.Event.EventType.DELETE
+CHANNEL_OPTIONS = [
+    # As geryon.client.Client(own_connection=True) does: one TCP connection
+    # per channel, quick reconnects.
+    ("grpc.use_local_subchannel_pool", 1),
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 2_000),
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    # A range over 10,000 services is well over the 4 MiB default.
+    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+]
+
+
+def binary() -> str | None:
+    return shutil.which("etcd") or ("/usr/bin/etcd" if Path("/usr/bin/etcd").exists() else None)
+
+
+def version() -> str:
+    etcd = binary()
+    if etcd is None:
+        return "etcd: not installed"
+    out = subprocess.run(
+        [etcd, "--version"], capture_output=True, text=True, timeout=10, check=False
+    ).stdout
+    first = out.splitlines()[0] if out else "etcd: unknown version"
+    return first.replace("etcd Version:", "etcd").strip()
+
+
+def prefix_end(key: bytes) -> bytes:
+    """The range_end that makes a range cover every key starting with ``key``."""
+    return key[:-1] + bytes([key[-1] + 1])
+
+
+def encode(attrs: Mapping[str, str]) -> bytes:
+    return json.dumps(dict(attrs), separators=(",", ":"), sort_keys=True).encode()
+
+
+class EtcdSide(Side):
+    name = ETCD
+    label = "etcd"
+
+    def __init__(self, tmp: Path, stubs: tuple[ModuleType, ModuleType]) -> None:
+        etcd = binary()
+        if etcd is None:
+            raise FileNotFoundError("bench: no etcd binary: run make bench-deps, or give --no-etcd")
+        self.etcd = etcd
+        self.pb, self.grpc_mod = stubs
+        self.stubs_dir = Path(self.pb.__file__).parents[3]
+        self.tmp = tmp
+        self.data = tmp / "etcd-data"
+        self.client_port = procs.free_port()
+        self.peer_port = procs.free_port()
+        self.proc: procs.Proc | None = None
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.client_port}"
+
+    def _argv(self) -> list[str]:
+        client = f"http://127.0.0.1:{self.client_port}"
+        peer = f"http://127.0.0.1:{self.peer_port}"
+        return [
+            self.etcd,
+            "--name=bench",
+            f"--data-dir={self.data}",
+            f"--listen-client-urls={client}",
+            f"--advertise-client-urls={client}",
+            f"--listen-peer-urls={peer}",
+            f"--initial-advertise-peer-urls={peer}",
+            f"--initial-cluster=bench={peer}",
+            "--initial-cluster-state=new",
+            "--logger=zap",
+            "--log-outputs=stderr",
+        ]
+
+    def respawn(self) -> None:
+        # ETCD_* variables would override flags; the benchmark sets its own.
+        env = {k: v for k, v in os.environ.items() if not k.startswith("ETCD")}
+        self.proc = procs.Proc(self._argv(), self.tmp / "etcd.log", ready=None, env=env)
+        self.proc.spawn()
+
+    async def start(self) -> None:
+        self.respawn()
+        await self.wait_ready()
+
+    async def wait_ready(self, timeout: float = procs.READY_TIMEOUT) -> None:
+        """Until a (linearizable, so leader-backed) read succeeds."""
+        deadline = time.monotonic() + timeout
+        while True:
+            assert self.proc is not None
+            if not self.proc.running:
+                raise RuntimeError(f"bench: etcd exited:\n{self.proc.tail()}")
+            conn = self.connect()
+            try:
+                await conn.get("ready-probe", timeout=0.5)
+                return
+            except (grpc.aio.AioRpcError, TimeoutError):
+                pass
+            finally:
+                await conn.close()
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"bench: etcd not ready in {timeout}s:\n{self.proc.tail()}")
+            await asyncio.sleep(0.01)
+
+    async def reset(self) -> None:
+        self.stop()
+        procs.wipe(self.data)
+        await self.start()
+
+    def kill9(self) -> None:
+        if self.proc is not None:
+            self.proc.kill9()
+
+    def stop(self) -> None:
+        self.kill9()
+
+    def connect(self) -> EtcdConn:
+        return EtcdConn(self.address, self.pb, self.grpc_mod)
+
+    def holder_argv(self, name: str) -> list[str]:
+        return [
+            sys.executable,
+            "-m",
+            "bench.holder",
+            "etcd",
+            self.address,
+            name,
+            "--stubs",
+            str(self.stubs_dir),
+        ]
+
+
+class EtcdConn(Conn):
+    def __init__(self, address: str, pb: ModuleType, grpc_mod: ModuleType) -> None:
+        self.pb = pb
+        self.channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self.kv = grpc_mod.KVStub(self.channel)
+        self.lease = grpc_mod.LeaseStub(self.channel)
+        self.watcher = grpc_mod.WatchStub(self.channel)
+
+    async def put(self, name: str, attrs: Mapping[str, str], lease: int = 0) -> None:
+        await self.kv.Put(
+            self.pb.PutRequest(key=PREFIX + name.encode(), value=encode(attrs), lease=lease),
+            timeout=self.timeout,
+        )
+
+    async def find(self, attr: str, value: str) -> list[str]:
+        r = await self.kv.Range(
+            self.pb.RangeRequest(key=PREFIX, range_end=prefix_end(PREFIX)), timeout=self.timeout
+        )
+        n = len(PREFIX)
+        return [kv.key[n:].decode() for kv in r.kvs if json.loads(kv.value).get(attr) == value]
+
+    async def get(self, name: str, *, timeout: float) -> bool:
+        r = await self.kv.Range(self.pb.RangeRequest(key=PREFIX + name.encode()), timeout=timeout)
+        return bool(r.kvs)
+
+    async def grant(self, ttl_s: float) -> tuple[int, float]:
+        # etcd's TTL is whole seconds, raised to its minimum (1.5 election
+        # timeouts, rounded up: 2 s with the default 1 s election timeout).
+        r = await self.lease.LeaseGrant(
+            self.pb.LeaseGrantRequest(TTL=max(1, round(ttl_s))), timeout=self.timeout
+        )
+        if r.error:
+            raise RuntimeError(f"bench: etcd grant: {r.error}")
+        return r.ID, float(r.TTL)
+
+    async def revoke(self, lease: int) -> None:
+        await self.lease.LeaseRevoke(self.pb.LeaseRevokeRequest(ID=lease), timeout=self.timeout)
+
+    async def keepalive(self) -> EtcdKeepAlive:
+        return EtcdKeepAlive(self.lease.LeaseKeepAlive(), self.pb, self.timeout)
+
+    def watch(self, prefix: str) -> EtcdWatch:
+        return EtcdWatch(self.watcher.Watch(), self.pb, PREFIX + prefix.encode(), self.timeout)
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+
+class EtcdKeepAlive(KeepAlive):
+    def __init__(self, call: grpc.aio.StreamStreamCall, pb: ModuleType, timeout: float) -> None:
+        self.call, self.pb, self.timeout = call, pb, timeout
+
+    async def renew(self, lease: int) -> float:
+        async def once() -> float:
+            await self.call.write(self.pb.LeaseKeepAliveRequest(ID=lease))
+            r = await self.call.read()
+            if r is grpc.aio.EOF:
+                raise ConnectionError("bench: etcd keepalive stream ended")
+            return float(r.TTL)
+
+        return await asyncio.wait_for(once(), self.timeout)
+
+    def close(self) -> None:
+        self.call.cancel()
+
+
+class EtcdWatch(Watch):
+    """One etcd watcher on its own Watch stream (etcd could multiplex many
+    watchers on one stream; the benchmark gives each its own, as Geryon's)."""
+
+    def __init__(
+        self, call: grpc.aio.StreamStreamCall, pb: ModuleType, key: bytes, timeout: float
+    ) -> None:
+        self.call, self.pb, self.key, self.timeout = call, pb, key, timeout
+        self.skip = len(PREFIX)
+
+    async def started(self) -> None:
+        create = self.pb.WatchCreateRequest(key=self.key, range_end=prefix_end(self.key))
+        await self.call.write(self.pb.WatchRequest(create_request=create))
+        first = await asyncio.wait_for(self.call.read(), self.timeout)
+        if first is grpc.aio.EOF or not first.created:
+            raise ConnectionError(f"bench: etcd watch did not start: {first}")
+
+    async def batches(self) -> AsyncIterator[list[tuple[str, str]]]:
+        skip = self.skip
+        while True:
+            r = await self.call.read()
+            if r is grpc.aio.EOF:
+                return
+            if r.events:
+                yield [
+                    ("delete" if e.type == DELETE else "put", e.kv.key[skip:].decode())
+                    for e in r.events
+                ]
+
+    def close(self) -> None:
+        self.call.cancel()

@@ -1,0 +1,46 @@
+"""``geryon resolve NAME``: the address a disk name resolves to now.
+
+The seed's ``rmnt`` read a disk name's entry and mounted its ``addr``; this
+prints that ``addr`` (for ``mount -c $addr /n/NAME`` or a script), and exits 1
+with one line on stderr when the name is unknown or its disk is down, so a
+script never mounts a stale address. Kept apart from cli.py, which only calls
+``add_resolve_command``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from geryon import errors
+from geryon.client import Client
+
+
+async def cmd_resolve(args: argparse.Namespace) -> int:
+    async with Client(
+        args.registry, tls_dir=args.tls_dir, user=args.user, retry_for=args.timeout
+    ) as c:
+        try:
+            s = await c.get(args.name)
+        except errors.NotFound:
+            print(f"geryon: resolve: no disk named {args.name}", file=sys.stderr)
+            return 1
+    addr = s.attrs.get("addr", "")
+    if s.attrs.get("status") == "down" or not addr:
+        where = s.attrs.get("host", "?") + "!" + s.attrs.get("chunk", "?")
+        what = "is down" if s.attrs.get("status") == "down" else "has no addr"
+        print(f"geryon: resolve: {args.name} {what} (chunk {where})", file=sys.stderr)
+        return 1
+    print(addr)
+    return 0
+
+
+def add_resolve_command(sub: argparse._SubParsersAction) -> None:
+    r = sub.add_parser(
+        "resolve",
+        help="print the address a disk name resolves to now",
+        description="Print the addr of NAME's entry (what rmnt mounts). Exit 1 "
+        "when NAME is unknown or its disk is down.",
+    )
+    r.add_argument("name", metavar="NAME")
+    r.set_defaults(run=cmd_resolve)

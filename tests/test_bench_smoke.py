@@ -1,0 +1,54 @@
+"""make bench still runs: the quick benchmark without etcd (so no apt) exits 0
+and prints every row of its table. No timing is asserted."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+ROWS = [
+    "grpc.aio echo server (the Python limit), 1 client",
+    "grpc.aio echo server (the Python limit), 4 clients",
+    "register 100 leased, 1 client",
+    "register 400 leased, 4 clients",
+    "register 100 persistent, 1 client",
+    "register 400 persistent, 4 clients",
+    "find svc=rstyx (10 of 400), 1 client",
+    "watch fan-out: 5 watchers, 50 updates",
+    "lease churn: 20 leases, 1 client",
+    "lease churn: 40 leases, 4 clients",
+    "death notice: holder kill -9 until delete seen",
+    "restart with 400 services: first read",
+    "restart with 400 services: all 4 leases renewed",
+]
+
+
+@pytest.mark.timeout(300)
+def test_quick_bench_without_etcd_prints_the_table() -> None:
+    env = {**os.environ, "BENCH_QUICK": ""}
+    r = subprocess.run(
+        [sys.executable, "-m", "bench.run", "--quick", "--no-etcd"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        env=env,
+        timeout=240,
+    )
+    assert r.returncode == 0, f"exit {r.returncode}\n{r.stdout}\n{r.stderr[-4000:]}"
+    lines = r.stdout.splitlines()
+    assert lines[0].split() == ["operation", "unit", "Geryon", "etcd", "ratio", "of", "echo"]
+    for row in ROWS:
+        match = [line for line in lines if line.startswith(row + "  ")]
+        assert match, f"no row {row!r} in:\n{r.stdout}"
+        cells = match[0][len(row) :].split()
+        # unit, Geryon, etcd, ratio, of echo: Geryon measured, etcd not run.
+        assert cells[1] != "-", match[0]
+        assert cells[2] == "-" and cells[3] == "-", match[0]
+    assert "etcd not run" in r.stdout

@@ -17,13 +17,14 @@ import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
-from geryon import leases, tls
+from geryon import leases
 from geryon.convert import pb, pb_grpc
 from geryon.errors import GeryonError, Unauthenticated
 from geryon.model import Caller
@@ -31,6 +32,9 @@ from geryon.quota import Quota
 from geryon.registry_service import RegistryService, local_admin_on_unix, plaintext_caller
 from geryon.store import Limits, Store, wait
 from geryon.watch import DEFAULT_BACKLOG, Hub
+
+if TYPE_CHECKING:
+    from geryon import tls
 
 log = logging.getLogger("geryon.registryd")
 
@@ -198,8 +202,12 @@ async def serve(args: argparse.Namespace) -> int:
     )
     hub = Hub(backlog=args.watch_backlog)
     store.on_commit.append(hub.publish)
-    deny = tls.DenyList(args.deny) if args.deny else None
-    credentials = tls.server_credentials(Path(args.tls_dir)) if args.tls_dir else None
+    deny = credentials = None
+    if args.tls_dir or args.deny:  # cryptography costs start-up time: import only if used
+        from geryon import tls
+
+        deny = tls.DenyList(args.deny) if args.deny else None
+        credentials = tls.server_credentials(Path(args.tls_dir)) if args.tls_dir else None
     servicer = RegistryService(
         store,
         hub,
@@ -296,6 +304,7 @@ async def serve(args: argparse.Namespace) -> int:
 
 def authenticator(deny: tls.DenyList | None) -> Callable[[object], Caller]:
     """Callers over mutual TLS: the verified certificate's geryon:// identity."""
+    from geryon import tls
 
     def authenticate(context: object) -> Caller:
         ident = tls.identity_from_context(context)
@@ -309,6 +318,8 @@ def authenticator(deny: tls.DenyList | None) -> Callable[[object], Caller]:
 
 def reload(servicer: RegistryService, deny: tls.DenyList | None, *, tls_on: bool) -> None:
     """SIGHUP: re-read credentials and the deny list; cut off the newly denied."""
+    from geryon import tls
+
     try:
         if tls_on:
             tls.reload_server_credentials()

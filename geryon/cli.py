@@ -17,9 +17,11 @@ from pathlib import Path
 from typing import Any
 
 from geryon import errors
+from geryon.cli_announce import add_announce_commands
 from geryon.client import DEFAULT_REGISTRY, Client, WatchMessage
 from geryon.model import Event, Service, validate_attr_name
 from geryon.ndb import quote
+from geryon.resolve import add_resolve_command
 
 Handler = Callable[[argparse.Namespace], Awaitable[int]]
 
@@ -349,6 +351,8 @@ def build_parser() -> argparse.ArgumentParser:
                          prefix_chars="\0", add_help=False)
     q.add_argument("args", nargs=argparse.REMAINDER)
     nd.set_defaults(run=cmd_ndb)
+    add_announce_commands(sub)
+    add_resolve_command(sub)
     return p
 
 

@@ -314,7 +314,8 @@ class Lease:
                 await self._stream(interval)
                 return  # lost
             except errors.GeryonError as exc:
-                if not exc.transient:
+                # Over a quota is a reason to slow down, not a lost lease.
+                if not exc.transient and not isinstance(exc, errors.ResourceExhausted):
                     log.warning("lease %d: %s", self.id, exc)
                     self.lost.set()
                     return

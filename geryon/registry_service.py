@@ -85,7 +85,7 @@ class RegistryService(pb_grpc.RegistryServicer):
         progress_interval: float = DEFAULT_PROGRESS_S,
         max_watches_per_caller: int = 1000,
         writes: Quota | None = None,
-        keepalives: Quota | None = None,
+        keepalive_rate: float = 0,
     ) -> None:
         self.store = store
         self.hub = hub
@@ -93,7 +93,7 @@ class RegistryService(pb_grpc.RegistryServicer):
         self.progress_interval = progress_interval
         self.max_watches = max_watches_per_caller
         self.writes = writes or Quota(0)
-        self.keepalives = keepalives or Quota(0)
+        self.keepalive_rate = keepalive_rate
         # Open streams by caller, so a newly denied identity can be cut off.
         self._wire_cache: dict[int, tuple[Event, pb.Event]] = {}
         self.streams: dict[object, tuple[Caller, Callable[[], None]]] = {}
@@ -273,6 +273,8 @@ class RegistryService(pb_grpc.RegistryServicer):
         token = object()
         held: set[int] = set()
         task = asyncio.current_task()
+        rate = Quota(self.keepalive_rate)  # per stream
+        client_gone = False
         try:
             caller = self.authenticate(context)
             if caller.role not in WRITERS:
@@ -280,7 +282,7 @@ class RegistryService(pb_grpc.RegistryServicer):
             if task is not None:
                 self.streams[token] = (caller, task.cancel)
             async for request in request_iterator:
-                self.keepalives.take(caller.name, "keepalive")
+                rate.take(caller.name, "keepalive")
                 ttl = self.store.keepalive(request.lease, caller=caller)
                 if ttl:
                     held.add(request.lease)
@@ -288,11 +290,17 @@ class RegistryService(pb_grpc.RegistryServicer):
                 yield pb.KeepAliveResponse(
                     header=header(self.store.durable_revision), lease=request.lease, ttl_ms=ttl
                 )
+            client_gone = True  # the client closed its side
+        except (asyncio.CancelledError, GeneratorExit):
+            client_gone = True  # cancelled, or its connection went away
+            raise
         except GeryonError as exc:
+            # Our refusal is not the client going away: its leases live on
+            # until it reconnects or their TTL passes.
             await _abort(context, exc)
         finally:
             self.streams.pop(token, None)
-            if not self.stopping:
+            if client_gone and not self.stopping:
                 self._release(held, token)
 
     def _release(self, held: set[int], token: object) -> None:

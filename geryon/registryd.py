@@ -103,7 +103,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=float,
         default=100,
         metavar="PER_S",
-        help="keepalives per second per identity (default 100)",
+        help="keepalives per second on one KeepAlive stream (default 100)",
     )
     p.add_argument(
         "--max-watches",
@@ -215,7 +215,7 @@ async def serve(args: argparse.Namespace) -> int:
         progress_interval=args.progress_interval,
         max_watches_per_caller=args.max_watches,
         writes=Quota(args.write_rate),
-        keepalives=Quota(args.keepalive_rate),
+        keepalive_rate=args.keepalive_rate,
     )
     if args.static:
         n = await load_static(store, args.static)

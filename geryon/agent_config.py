@@ -1,0 +1,600 @@
+"""geryon-agent's configuration: one TOML file per node, checked whole before
+anything starts.
+
+Every mistake is reported as ``FILE: KEY: what is wrong``, all of them at once,
+so a node's operator fixes the file in one pass. The parsed config is plain
+frozen data: the agent compares two of them to apply a SIGHUP's difference.
+
+    registry = "reghost:6675"   # HOST:PORT (default $GERYON_REGISTRY)
+    host = "host0"              # this node's name (default: the hostname)
+    advertise = "10.0.0.5"      # what others dial (default: host)
+    tls_dir = "/etc/geryon"     # identity for the registry (default: plain text)
+    lease_ttl = "10s"           # the one lease every entry lives under
+    reconnect_max_delay = "10s" # backoff cap while the registry is away
+    stop_grace = "5s"           # SIGTERM to SIGKILL when stopping a service
+    restart = "always"          # defaults for every service below:
+    restart_delay = "1s"        #   always | on-failure | never, and the
+    restart_max_delay = "30s"   #   jittered exponential backoff between
+    ready_timeout = "30s"       #   restarts; how long a port may take to open
+
+    [[chunk]]                   # id, path, size, command: required
+    id = "chunk0"
+    path = "/chunks/chunk0"
+    size = "64MiB"
+    command = ["python", "-m", "geryon.chunkserve", "{path}", "{port}"]
+    port = 0                    # 0: a free port at each start
+    attrs = { kfs = "1" }
+    env = { NAME = "value" }
+    health = { type = "tcp", interval = "5s", timeout = "2s",
+               success_threshold = 1, failure_threshold = 3 }
+
+    [[listener]]                # addr, command: required
+    addr = "tcp!*!0"
+    command = ["..."]           # one per connection, on its stdin and stdout
+    max_conns = 64
+    attrs = { svc = "rstyx" }
+
+Health types: "tcp" (connect to the port; a chunk's default), "command"
+(``command`` exits 0), "grpc" (the gRPC health protocol, ``service`` naming
+the service to ask about), "none" (a listener's default).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import KW_ONLY, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from geryon.errors import InvalidArgument
+from geryon.model import validate_attr_name
+
+
+class ConfigError(Exception):
+    """Everything wrong with a config file, one ``FILE: KEY: what`` a line."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+RESTART_POLICIES = ("always", "on-failure", "never")
+HEALTH_TYPES = ("tcp", "command", "grpc", "none")
+# Attributes the agent sets itself; a config may not override them.
+CHUNK_OWN_ATTRS = frozenset({"id", "host", "size", "path", "name", "pid", "started", "health"})
+LISTENER_OWN_ATTRS = frozenset({"host", "name", "pid", "started", "health"})
+NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
+
+SIZE_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1 << 10,
+    "kib": 1 << 10,
+    "m": 1 << 20,
+    "mib": 1 << 20,
+    "g": 1 << 30,
+    "gib": 1 << 30,
+    "t": 1 << 40,
+    "tib": 1 << 40,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+}
+DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+# ---- values ----------------------------------------------------------------
+
+
+def parse_size(value: object) -> int:
+    """Bytes from ``65536``, ``"64MiB"``, ``"1G"`` (binary) or ``"1GB"`` (decimal)."""
+    if isinstance(value, bool):
+        raise ValueError(f"bad size {value!r}")
+    if isinstance(value, int):
+        n = value
+    elif isinstance(value, str):
+        m = re.fullmatch(r"\s*(\d+)\s*([A-Za-z]*)\s*", value)
+        if not m or m.group(2).lower() not in SIZE_UNITS:
+            raise ValueError(
+                f"bad size {value!r} (want bytes, or a number with KiB, MiB, GiB, TiB, "
+                "K, M, G, T, KB, MB, GB or TB)"
+            )
+        n = int(m.group(1)) * SIZE_UNITS[m.group(2).lower()]
+    else:
+        raise ValueError(f"bad size {value!r}")
+    if n <= 0:
+        raise ValueError(f"bad size {value!r}: must be positive")
+    return n
+
+
+def parse_duration(value: object) -> float:
+    """Seconds from ``"250ms"``, ``"1.5s"``, ``"2m"``, ``"1h"`` or a number of seconds."""
+    if isinstance(value, bool):
+        raise ValueError(f"bad duration {value!r}")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str):
+        m = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|h)?\s*", value)
+        if not m:
+            raise ValueError(f"bad duration {value!r} (want e.g. 250ms, 1.5s, 2m, 1h)")
+        seconds = float(m.group(1)) * DURATION_UNITS[m.group(2) or "s"]
+    else:
+        raise ValueError(f"bad duration {value!r}")
+    if seconds <= 0:
+        raise ValueError(f"bad duration {value!r}: must be positive")
+    return seconds
+
+
+@dataclass(frozen=True, slots=True)
+class ListenAddr:
+    """An Inferno listen address: ``tcp!*!0`` (any interface, any port) or
+    ``tcp!HOST!PORT``."""
+
+    host: str  # "*" for any interface
+    port: int
+
+    def __str__(self) -> str:
+        return f"tcp!{self.host}!{self.port}"
+
+    @property
+    def bind_host(self) -> str:
+        return "0.0.0.0" if self.host == "*" else self.host
+
+
+def parse_listen_addr(text: str) -> ListenAddr:
+    parts = text.split("!")
+    if len(parts) != 3 or parts[0] != "tcp" or not parts[1]:
+        raise ValueError(f"bad address {text!r} (want tcp!*!PORT or tcp!HOST!PORT)")
+    if not parts[2].isdigit() or not 0 <= int(parts[2]) <= 65535:
+        raise ValueError(f"bad address {text!r}: port {parts[2]!r} is not 0..65535")
+    return ListenAddr(parts[1], int(parts[2]))
+
+
+def parse_hostport(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError(f"bad address {text!r} (want HOST:PORT)")
+    return host, int(port)
+
+
+# ---- the parsed config -----------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class HealthSpec:
+    type: str = "tcp"
+    command: tuple[str, ...] = ()
+    service: str = ""
+    interval: float = 5.0
+    timeout: float = 2.0
+    success_threshold: int = 1
+    failure_threshold: int = 3
+
+
+@dataclass(frozen=True, slots=True)
+class RestartSpec:
+    policy: str = "always"
+    delay: float = 1.0
+    max_delay: float = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkSpec:
+    id: str
+    path: Path
+    _: KW_ONLY
+    size: int
+    command: tuple[str, ...]
+    attrs: Mapping[str, str] = field(default_factory=dict)
+    env: Mapping[str, str] = field(default_factory=dict)
+    port: int = 0
+    health: HealthSpec = HealthSpec()
+    restart: RestartSpec = RestartSpec()
+    ready_timeout: float = 30.0
+
+    @property
+    def key(self) -> str:
+        return f"chunk {self.id}"
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerSpec:
+    addr: ListenAddr
+    command: tuple[str, ...]
+    _: KW_ONLY
+    attrs: Mapping[str, str] = field(default_factory=dict)
+    env: Mapping[str, str] = field(default_factory=dict)
+    max_conns: int = 64
+    health: HealthSpec = HealthSpec(type="none")
+    index: int = 0  # tells apart listeners configured identically
+
+    @property
+    def key(self) -> str:
+        return f"listener {self.addr}#{self.index}"
+
+
+@dataclass(frozen=True, slots=True)
+class AgentConfig:
+    path: Path
+    registry: str
+    _: KW_ONLY
+    host: str
+    advertise: str
+    tls_dir: Path | None = None
+    lease_ttl: float = 10.0
+    reconnect_max_delay: float = 10.0
+    stop_grace: float = 5.0
+    chunks: tuple[ChunkSpec, ...] = ()
+    listeners: tuple[ListenerSpec, ...] = ()
+
+    @property
+    def services(self) -> dict[str, ChunkSpec | ListenerSpec]:
+        return {s.key: s for s in (*self.chunks, *self.listeners)}
+
+
+# ---- reading ---------------------------------------------------------------
+
+
+class _Table:
+    """One TOML table being read: remembers which keys were used and every
+    problem found, each under its full key."""
+
+    def __init__(self, data: Mapping[str, Any], where: str, problems: list[str], file: str):
+        self.data, self.where, self.problems, self.file = data, where, problems, file
+        self.used: set[str] = set()
+
+    def key(self, k: str) -> str:
+        return f"{self.where}.{k}" if self.where else k
+
+    def problem(self, k: str, what: str) -> None:
+        self.problems.append(f"{self.file}: {self.key(k)}: {what}")
+
+    def get(
+        self,
+        k: str,
+        kinds: type | tuple[type, ...],
+        default: Any = None,
+        *,
+        required: bool = False,
+        parse: Callable[[Any], Any] | None = None,
+    ) -> Any:
+        self.used.add(k)
+        if k not in self.data:
+            if required:
+                self.problem(k, "missing")
+            return default
+        v = self.data[k]
+        if isinstance(v, bool) and bool not in (kinds if isinstance(kinds, tuple) else (kinds,)):
+            self.problem(k, f"want {_kind_name(kinds)}, got {v!r}")
+            return default
+        if not isinstance(v, kinds):
+            self.problem(k, f"want {_kind_name(kinds)}, got {_toml_type(v)} {v!r}")
+            return default
+        if parse is not None:
+            try:
+                return parse(v)
+            except ValueError as exc:
+                self.problem(k, str(exc))
+                return default
+        return v
+
+    def table(self, k: str) -> _Table | None:
+        v = self.get(k, dict)
+        return _Table(v, self.key(k), self.problems, self.file) if v is not None else None
+
+    def finish(self, known: set[str]) -> None:
+        for k in self.data:
+            if k not in known:
+                self.problem(k, f"unknown key (known: {', '.join(sorted(known))})")
+
+
+def _kind_name(kinds: type | tuple[type, ...]) -> str:
+    kinds = kinds if isinstance(kinds, tuple) else (kinds,)
+    names = {
+        str: "a string",
+        int: "an integer",
+        float: "a number",
+        list: "an array",
+        dict: "a table",
+        bool: "true or false",
+    }
+    return " or ".join(names.get(k, k.__name__) for k in kinds)
+
+
+def _toml_type(v: object) -> str:
+    return {
+        str: "string",
+        int: "integer",
+        float: "float",
+        list: "array",
+        dict: "table",
+        bool: "boolean",
+    }.get(type(v), type(v).__name__)
+
+
+def _command(t: _Table, k: str, required: bool = True) -> tuple[str, ...]:
+    v = t.get(k, list, required=required)
+    if v is None:
+        return ()
+    if not v or not all(isinstance(a, str) for a in v) or not v[0]:
+        t.problem(k, "want a non-empty array of strings (the program, then its arguments)")
+        return ()
+    return tuple(v)
+
+
+def _strings(t: _Table, k: str, *, attrs: bool, own: frozenset[str] = frozenset()) -> dict:
+    v = t.get(k, dict, {})
+    out: dict[str, str] = {}
+    for name, value in (v or {}).items():
+        where = f"{k}.{name}"
+        if attrs:
+            try:
+                validate_attr_name(name, "attr")
+            except InvalidArgument as exc:
+                t.problem(where, str(exc).removeprefix("attr: "))
+                continue
+            if name in own:
+                t.problem(where, "set by the agent itself; choose another name")
+                continue
+        if isinstance(value, bool) or not isinstance(value, str | int | float):
+            t.problem(where, f"want a string, got {_toml_type(value)} {value!r}")
+            continue
+        out[name] = str(value)
+    return out
+
+
+def _health(t: _Table, default_type: str) -> HealthSpec:
+    h = t.table("health")
+    if h is None:
+        return HealthSpec(type=default_type)
+    kind = h.get("type", str, default_type)
+    if kind not in HEALTH_TYPES:
+        h.problem("type", f"unknown health check {kind!r} (want {', '.join(HEALTH_TYPES)})")
+        kind = default_type
+    command = _command(h, "command", required=kind == "command")
+    if command and kind != "command":
+        h.problem("command", f'only for type = "command", not {kind!r}')
+    spec = HealthSpec(
+        type=kind,
+        command=command,
+        service=h.get("service", str, ""),
+        interval=h.get("interval", (str, int, float), 5.0, parse=parse_duration),
+        timeout=h.get("timeout", (str, int, float), 2.0, parse=parse_duration),
+        success_threshold=h.get("success_threshold", int, 1, parse=_positive),
+        failure_threshold=h.get("failure_threshold", int, 3, parse=_positive),
+    )
+    h.finish(HEALTH_KEYS)
+    return spec
+
+
+def _positive(n: int) -> int:
+    if n < 1:
+        raise ValueError(f"want at least 1, got {n}")
+    return n
+
+
+def _restart(t: _Table, default: RestartSpec) -> RestartSpec:
+    policy = t.get("restart", str, default.policy)
+    if policy not in RESTART_POLICIES:
+        t.problem("restart", f"unknown policy {policy!r} (want {', '.join(RESTART_POLICIES)})")
+        policy = default.policy
+    return RestartSpec(
+        policy,
+        t.get("restart_delay", (str, int, float), default.delay, parse=parse_duration),
+        t.get("restart_max_delay", (str, int, float), default.max_delay, parse=parse_duration),
+    )
+
+
+def _name(v: str) -> str:
+    if not NAME_RE.fullmatch(v):
+        raise ValueError(f"bad name {v!r} (want [A-Za-z0-9._-], 1 to 64 characters)")
+    return v
+
+
+def _advertise(v: str) -> str:
+    if not v or any(c in v for c in "! /\t\n"):
+        raise ValueError(f"bad address {v!r} (a host name or IP address)")
+    return v
+
+
+def _port(n: int) -> int:
+    if not 0 <= n <= 65535:
+        raise ValueError(f"bad port {n} (want 0..65535; 0 picks a free one)")
+    return n
+
+
+def parse(data: Mapping[str, Any], path: Path) -> AgentConfig:
+    """Check a parsed TOML document; raise ConfigError listing every problem."""
+    problems: list[str] = []
+    file = str(path)
+    top = _Table(data, "", problems, file)
+    registry = top.get(
+        "registry",
+        str,
+        os.environ.get("GERYON_REGISTRY", "127.0.0.1:6675"),
+        parse=lambda v: parse_hostport(v) and v,
+    )
+    host = top.get("host", str, None, parse=_name) or _name_or(socket.gethostname())
+    advertise = top.get("advertise", str, None, parse=_advertise) or host
+    tls_dir = top.get("tls_dir", str, None, parse=_directory)
+    lease_ttl = top.get("lease_ttl", (str, int, float), 10.0, parse=parse_duration)
+    if lease_ttl is not None and lease_ttl < 0.5:
+        top.problem("lease_ttl", "at least 500ms")
+    restart = _restart(top, RestartSpec())
+    ready_timeout = top.get("ready_timeout", (str, int, float), 30.0, parse=parse_duration)
+
+    chunks: list[ChunkSpec] = []
+    ids: dict[str, str] = {}
+    paths: dict[Path, str] = {}
+    ports: dict[int, str] = {}
+    for i, raw in enumerate(top.get("chunk", list, []) or []):
+        where = f"chunk[{i}]"
+        if not isinstance(raw, dict):
+            problems.append(f"{file}: {where}: want a table ([[chunk]])")
+            continue
+        t = _Table(raw, where, problems, file)
+        cid = t.get("id", str, None, required=True, parse=_name)
+        cpath = t.get("path", str, None, required=True)
+        size = t.get("size", (str, int), None, required=True, parse=parse_size)
+        command = _command(t, "command")
+        port = t.get("port", int, 0, parse=_port)
+        spec_restart = _restart(t, restart)
+        chunk_ready = t.get("ready_timeout", (str, int, float), ready_timeout, parse=parse_duration)
+        health = _health(t, "tcp")
+        attrs = _strings(t, "attrs", attrs=True, own=CHUNK_OWN_ATTRS)
+        env = _strings(t, "env", attrs=False)
+        t.finish(CHUNK_KEYS)
+        if cid is not None:
+            if cid in ids:
+                t.problem("id", f"duplicate chunk id {cid!r} (also {ids[cid]}.id)")
+            ids.setdefault(cid, where)
+        if cpath is not None:
+            if not cpath:
+                t.problem("path", "empty")
+                cpath = None
+            else:
+                # Relative to the config file; absolute in the path attribute.
+                p = Path(os.path.abspath(path.parent / cpath))
+                if p in paths:
+                    t.problem("path", f"{cpath!r} is also {paths[p]}.path")
+                paths.setdefault(p, where)
+                cpath = p
+        if port:
+            if port in ports:
+                t.problem("port", f"port {port} is also {ports[port]}.port")
+            ports.setdefault(port, where)
+        if None not in (cid, cpath, size) and command:
+            chunks.append(
+                ChunkSpec(
+                    cid,
+                    cpath,
+                    size=size,
+                    command=command,
+                    attrs=attrs,
+                    env=env,
+                    port=port,
+                    health=health,
+                    restart=spec_restart,
+                    ready_timeout=chunk_ready,
+                )
+            )
+
+    listeners: list[ListenerSpec] = []
+    seen: dict[tuple, int] = {}
+    for i, raw in enumerate(top.get("listener", list, []) or []):
+        where = f"listener[{i}]"
+        if not isinstance(raw, dict):
+            problems.append(f"{file}: {where}: want a table ([[listener]])")
+            continue
+        t = _Table(raw, where, problems, file)
+        addr = t.get("addr", str, None, required=True, parse=parse_listen_addr)
+        command = _command(t, "command")
+        max_conns = t.get("max_conns", int, 64, parse=_positive)
+        health = _health(t, "none")
+        if health.type == "tcp":
+            t.problem("health.type", "a tcp check would run the command; use command or none")
+        attrs = _strings(t, "attrs", attrs=True, own=LISTENER_OWN_ATTRS)
+        env = _strings(t, "env", attrs=False)
+        t.finish(LISTENER_KEYS)
+        if addr is not None and addr.port:
+            if addr.port in ports:
+                t.problem("addr", f"port {addr.port} is also {ports[addr.port]}")
+            ports.setdefault(addr.port, f"{where}.addr")
+        if addr is not None and command:
+            ident = (addr, command, tuple(sorted(attrs.items())), tuple(sorted(env.items())))
+            n = seen[ident] = seen.get(ident, -1) + 1
+            listeners.append(
+                ListenerSpec(
+                    addr, command, attrs=attrs, env=env, max_conns=max_conns, health=health, index=n
+                )
+            )
+
+    top.finish(TOP_KEYS)
+    if problems:
+        raise ConfigError(problems)
+    return AgentConfig(
+        path=path,
+        registry=registry,
+        host=host,
+        advertise=advertise,
+        tls_dir=Path(tls_dir) if tls_dir else None,
+        lease_ttl=lease_ttl,
+        reconnect_max_delay=top.get(
+            "reconnect_max_delay", (str, int, float), 10.0, parse=parse_duration
+        ),
+        stop_grace=top.get("stop_grace", (str, int, float), 5.0, parse=parse_duration),
+        chunks=tuple(chunks),
+        listeners=tuple(listeners),
+    )
+
+
+def _name_or(hostname: str) -> str:
+    """The machine's name, made a valid node name."""
+    name = re.sub(r"[^A-Za-z0-9._-]", "-", hostname.split(".")[0])[:64]
+    return name or "localhost"
+
+
+def _directory(v: str) -> str:
+    if not os.path.isdir(v):
+        raise ValueError(f"{v!r} is not a directory")
+    return v
+
+
+TOP_KEYS = {
+    "registry",
+    "host",
+    "advertise",
+    "tls_dir",
+    "lease_ttl",
+    "reconnect_max_delay",
+    "stop_grace",
+    "restart",
+    "restart_delay",
+    "restart_max_delay",
+    "ready_timeout",
+    "chunk",
+    "listener",
+}
+CHUNK_KEYS = {
+    "id",
+    "path",
+    "size",
+    "command",
+    "port",
+    "attrs",
+    "env",
+    "health",
+    "restart",
+    "restart_delay",
+    "restart_max_delay",
+    "ready_timeout",
+}
+HEALTH_KEYS = {
+    "type",
+    "command",
+    "service",
+    "interval",
+    "timeout",
+    "success_threshold",
+    "failure_threshold",
+}
+LISTENER_KEYS = {"addr", "command", "max_conns", "attrs", "env", "health"}
+
+
+def load(path: Path | str) -> AgentConfig:
+    """Read and check a config file; raise ConfigError on any problem."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as exc:
+        raise ConfigError([f"{path}: {exc.strerror}"]) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"{path}: bad TOML: {exc}"]) from None
+    return parse(data, path)

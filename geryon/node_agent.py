@@ -1,0 +1,513 @@
+"""geryon-agent: run one node's services from one TOML file and keep them
+announced while the registry comes and goes.
+
+    geryon-agent --config node.toml [--check]
+
+Every chunk server and listener of the node runs under the agent and is
+announced under one lease (geryon.announce). The agent
+
+- supervises: a service whose process exits is unregistered at once and
+  restarted with jittered exponential backoff, as its restart policy says
+  (always, on-failure, never); a crash loop is logged with each exit status
+  and never takes the agent down;
+- checks health and keeps ``health=passing|critical`` on each entry;
+- creates a chunk's file, sparse, at its size when it is missing, and never
+  truncates one that exists;
+- leaves nothing behind: SIGTERM or SIGINT revokes the lease (every entry
+  goes in one revision), stops each service's process group (SIGTERM, then
+  SIGKILL after stop_grace) and exits 0; after a kill -9 the registry ends
+  the lease with our keepalive stream and the keeper (geryon/keeper.py)
+  kills every service process group;
+- on SIGHUP re-reads the file and applies only the difference: services
+  added, removed or changed are started, stopped or restarted, a change of
+  attributes alone is applied in place, everything else is left running; a
+  file with errors is reported and the running config kept.
+
+Once its services are registered it prints ``agent HOST: N services
+announced`` on stderr (again after each reload), which tests and the demo
+wait for.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+from geryon import agent_config, procs
+from geryon.agent_config import AgentConfig, ChunkSpec, ConfigError, ListenerSpec
+from geryon.announce import (
+    CALL_TIMEOUT,
+    Announcer,
+    Backoff,
+    ChildService,
+    Listener,
+    Node,
+    substitute,
+)
+from geryon.client import Client
+from geryon.health import Checker
+
+log = logging.getLogger("geryon.agent")
+
+# A service that ran this long before exiting starts its restart backoff over.
+STABLE_S = 10.0
+# Settings a reload cannot change under running services.
+FIXED_AT_START = ("registry", "tls_dir", "lease_ttl", "host", "advertise", "reconnect_max_delay")
+
+
+def ensure_chunk_file(path: Path, size: int) -> bool:
+    """Create ``path`` sparse at ``size`` bytes if it is missing; return
+    whether it was created. An existing file is never truncated or grown."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+        return False
+    try:
+        os.ftruncate(fd, size)
+    finally:
+        os.close(fd)
+    return True
+
+
+class Unit:
+    """One configured service and the task that runs it."""
+
+    def __init__(self, agent: Agent, spec: ChunkSpec | ListenerSpec) -> None:
+        self.agent = agent
+        self.spec = spec
+        self.node = agent.node
+        self.who = f"{agent.who}: {spec.key}"
+        # Set once the first start is over, announced or failed: the ready
+        # line waits for every unit's.
+        self.settled = asyncio.Event()
+        self.task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self.task = asyncio.create_task(self._guarded(), name=self.spec.key)
+
+    async def stop(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.task
+
+    async def _guarded(self) -> None:
+        try:
+            await self.run()
+        except Exception:
+            log.exception("%s: failed", self.who)  # a bug: say so, keep the agent up
+        finally:
+            self.settled.set()
+
+    async def run(self) -> None:
+        raise NotImplementedError
+
+    def update(self, spec: ChunkSpec | ListenerSpec) -> None:
+        self.spec = spec
+
+
+class ChunkUnit(Unit):
+    spec: ChunkSpec
+
+    def __init__(self, agent: Agent, spec: ChunkSpec) -> None:
+        super().__init__(agent, spec)
+        self.child: ChildService | None = None
+
+    def attrs(self) -> dict[str, str]:
+        s = self.spec
+        return {**s.attrs, "id": s.id, "size": str(s.size), "path": str(s.path)}
+
+    def values(self) -> dict[str, str]:
+        return {"path": str(self.spec.path), "id": self.spec.id}
+
+    def update(self, spec: ChunkSpec | ListenerSpec) -> None:
+        """Only the attributes changed: apply them to the running entry."""
+        assert isinstance(spec, ChunkSpec)
+        self.spec = spec
+        if self.child is not None:
+            self.child.set_attrs(self.attrs())
+
+    async def run(self) -> None:
+        backoff = Backoff(self.spec.restart.delay, self.spec.restart.max_delay)
+        warned = False
+        while True:
+            spec = self.spec  # update() may have changed its attributes
+            began = time.monotonic()
+            returncode: int | None = None
+            try:
+                if ensure_chunk_file(spec.path, spec.size):
+                    log.info("%s: created %s, %d bytes", self.who, spec.path, spec.size)
+                elif (have := spec.path.stat().st_size) != spec.size and not warned:
+                    warned = True  # left as it is: a chunk's data is never cut
+                    log.warning(
+                        "%s: %s holds %d bytes, not %d", self.who, spec.path, have, spec.size
+                    )
+            except OSError as exc:
+                why = f"cannot create {spec.path}: {exc.strerror}"
+            else:
+                self.child = ChildService(
+                    self.node,
+                    spec.command,
+                    attrs=self.attrs(),
+                    port=spec.port,
+                    env={
+                        **spec.env,
+                        "GERYON_CHUNK_ID": spec.id,
+                        "GERYON_CHUNK_PATH": str(spec.path),
+                    },
+                    values=self.values(),
+                    ready_timeout=spec.ready_timeout,
+                )
+                returncode = await self.child.run(on_ready=self._ready)
+                why = procs.describe(returncode)
+            self.settled.set()
+            policy = spec.restart.policy
+            if policy == "never" or (policy == "on-failure" and returncode == 0):
+                log.warning("%s: %s; not restarting (restart = %s)", self.who, why, policy)
+                return
+            if time.monotonic() - began >= STABLE_S:
+                backoff.reset()
+            delay = backoff.next()
+            log.warning("%s: %s; restarting in %.2fs", self.who, why, delay)
+            await asyncio.sleep(delay)
+
+    async def _ready(self) -> None:
+        self.settled.set()
+        child = self.child
+        assert child is not None and child.name
+        port = int(child.name.rsplit("!", 1)[1])
+        health = self.spec.health
+        checker = Checker(
+            health,
+            host=self.node.probe_host,
+            port=port,
+            keeper=self.node.keeper,
+            command=substitute(
+                health.command,
+                {**self.values(), "host": self.node.host, "port": str(port), "addr": child.name},
+            ),
+            env=self.spec.env,
+        )
+
+        def report(state: str, why: str) -> None:
+            log.warning("%s: %s health %s (%s)", self.who, child.name, state, why)
+            child.set_health(state)
+
+        await checker.run(report)
+
+
+class ListenerUnit(Unit):
+    spec: ListenerSpec
+
+    async def run(self) -> None:
+        spec = self.spec
+        backoff = Backoff(1.0, 30.0)
+        failing = False
+        while True:
+            listener = Listener(
+                self.node,
+                spec.addr,
+                spec.command,
+                attrs=spec.attrs,
+                env=spec.env,
+                max_conns=spec.max_conns,
+            )
+            try:
+                name = listener.bind()
+            except OSError as exc:
+                if not failing:
+                    log.error("%s: cannot listen: %s; retrying", self.who, exc.strerror)
+                failing = True
+                self.settled.set()
+                await asyncio.sleep(backoff.next())
+                continue
+            if failing:
+                log.info("%s: listening again", self.who)
+            failing = False
+            backoff.reset()
+            checker = Checker(
+                spec.health,
+                host=self.node.probe_host,
+                port=int(name.rsplit("!", 1)[1]),
+                keeper=self.node.keeper,
+                command=substitute(
+                    spec.health.command,
+                    {"host": self.node.host, "addr": name, "port": name.rsplit("!", 1)[1]},
+                ),
+                env=spec.env,
+            )
+
+            def report(state: str, why: str, listener: Listener = listener) -> None:
+                log.warning("%s: %s health %s (%s)", self.who, listener.name, state, why)
+                listener.set_health(state)
+
+            health = asyncio.create_task(checker.run(report), name=f"health {name}")
+            serving = asyncio.create_task(listener.serve(), name=f"serve {name}")
+            await asyncio.sleep(0)  # serve() has announced the entry
+            self.settled.set()
+            try:
+                await serving
+            except OSError as exc:
+                log.error("%s: accept failed: %s; listening again", self.who, exc)
+                await asyncio.sleep(backoff.next())
+            finally:
+                health.cancel()
+                serving.cancel()
+                with contextlib.suppress(asyncio.CancelledError, OSError):
+                    await serving
+
+
+class Agent:
+    """One node's services, announced under one lease.
+
+    ``start`` returns once every service was started; ``ready`` is set once
+    they are announced (the ready line). ``reload`` applies a new config's
+    difference; ``stop`` revokes the lease and stops every service.
+    """
+
+    def __init__(self, config: AgentConfig, *, keeper: procs.Keeper | None = None) -> None:
+        self.config = config
+        self.who = f"agent {config.host}"
+        self.client = Client(
+            config.registry, tls_dir=config.tls_dir, retry_for=CALL_TIMEOUT, own_connection=True
+        )
+        self.announcer = Announcer(
+            self.client,
+            who=self.who,
+            ttl=config.lease_ttl,
+            reconnect_max=config.reconnect_max_delay,
+        )
+        self.keeper = keeper or procs.Keeper()
+        self._own_keeper = keeper is None
+        self.node = Node(
+            self.announcer,
+            self.keeper,
+            host=config.host,
+            advertise=config.advertise,
+            who=self.who,
+            stop_grace=config.stop_grace,
+        )
+        self.units: dict[str, Unit] = {}
+        self.ready = asyncio.Event()
+        self._reporter: asyncio.Task[None] | None = None
+
+    def _unit(self, spec: ChunkSpec | ListenerSpec) -> Unit:
+        unit = ChunkUnit(self, spec) if isinstance(spec, ChunkSpec) else ListenerUnit(self, spec)
+        self.units[spec.key] = unit
+        unit.start()
+        return unit
+
+    async def start(self) -> None:
+        self.keeper.ensure()
+        self.announcer.start()
+        for spec in self.config.services.values():
+            self._unit(spec)
+        self._report_ready()
+
+    def _report_ready(self) -> None:
+        if self._reporter is not None:
+            self._reporter.cancel()
+        self.ready.clear()
+        self._reporter = asyncio.create_task(self._ready_line(), name="ready line")
+
+    async def _ready_line(self) -> None:
+        for unit in list(self.units.values()):
+            await unit.settled.wait()
+        await self.announcer.synced.wait()
+        log.info("%s: %d services announced", self.who, len(self.announcer.actual))
+        self.ready.set()
+
+    async def reload(self, new: AgentConfig) -> None:
+        """Apply what changed between the running config and ``new``."""
+        old = self.config
+        fixed = [k for k in FIXED_AT_START if getattr(old, k) != getattr(new, k)]
+        if fixed:
+            log.warning(
+                "%s: reload: %s changed; restart the agent to apply", self.who, ", ".join(fixed)
+            )
+            new = dataclasses.replace(new, **{k: getattr(old, k) for k in fixed})
+        self.node.stop_grace = new.stop_grace
+        before, after = old.services, new.services
+        removed = [k for k in before if k not in after]
+        added = [k for k in after if k not in before]
+        changed = [k for k in after if k in before and after[k] != before[k]]
+        restart = []
+        for k in changed:
+            a, b = before[k], after[k]
+            if isinstance(a, ChunkSpec) and dataclasses.replace(a, attrs=b.attrs) == b:
+                self.units[k].update(b)
+            else:
+                restart.append(k)
+        await asyncio.gather(*(self.units.pop(k).stop() for k in (*removed, *restart)))
+        for k in (*restart, *added):
+            self._unit(after[k])
+        self.config = new
+        log.info(
+            "%s: reload: %d added, %d removed, %d restarted, %d changed in place",
+            self.who,
+            len(added),
+            len(removed),
+            len(restart),
+            len(changed) - len(restart),
+        )
+        self._report_ready()
+
+    async def stop(self) -> None:
+        if self._reporter is not None:
+            self._reporter.cancel()
+        # The lease first: every entry vanishes in one revision, before any
+        # service stops answering, instead of one deletion per service.
+        await self.announcer.close(revoke=True)
+        await asyncio.gather(*(u.stop() for u in self.units.values()))
+        self.units.clear()
+        if self._own_keeper:
+            self.keeper.close()
+        await self.client.close()
+        log.info("%s: stopped", self.who)
+
+
+async def run_agent(
+    config: AgentConfig,
+    *,
+    stop: asyncio.Event | None = None,
+    handle_signals: bool = False,
+    keeper: procs.Keeper | None = None,
+) -> int:
+    """Run an agent until ``stop`` is set (or SIGTERM/SIGINT when
+    ``handle_signals``, which also makes SIGHUP reload ``config.path``)."""
+    stop = stop or asyncio.Event()
+    hup = asyncio.Event()
+    if handle_signals:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(signal.SIGHUP, hup.set)
+    agent = Agent(config, keeper=keeper)
+    await agent.start()
+    try:
+        while not stop.is_set():
+            waits = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(hup.wait())]
+            try:
+                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for w in waits:
+                    w.cancel()
+            if hup.is_set() and not stop.is_set():
+                hup.clear()
+                try:
+                    new = agent_config.load(agent.config.path)
+                except ConfigError as exc:
+                    for line in exc.problems:
+                        log.error("%s: reload: %s", agent.who, line)
+                    log.error("%s: reload: keeping the running config", agent.who)
+                    continue
+                await agent.reload(new)
+    finally:
+        await agent.stop()
+    return 0
+
+
+# ---- --check -----------------------------------------------------------------
+
+
+def _seconds(s: float) -> str:
+    return f"{s * 1000:g}ms" if s < 1 else f"{s:g}s"
+
+
+def _health_text(h: agent_config.HealthSpec) -> str:
+    if h.type == "none":
+        return "none (always passing)"
+    what = {"tcp": "tcp connect", "grpc": f"grpc health {h.service!r}"}.get(
+        h.type, "command " + " ".join(h.command)
+    )
+    return (
+        f"{what} every {_seconds(h.interval)}, timeout {_seconds(h.timeout)}; critical after "
+        f"{h.failure_threshold} failures, passing after {h.success_threshold} successes"
+    )
+
+
+def describe(config: AgentConfig) -> str:
+    """What the agent would run, for --check."""
+    lines = [
+        f"agent {config.host}: registry {config.registry} "
+        f"({'tls ' + str(config.tls_dir) if config.tls_dir else 'plain text'}), "
+        f"advertise {config.advertise}, lease ttl {_seconds(config.lease_ttl)}, "
+        f"{len(config.chunks)} chunks, {len(config.listeners)} listeners"
+    ]
+    for c in config.chunks:
+        state = "exists" if c.path.exists() else "missing: will be created sparse"
+        lines += [
+            f"chunk {c.id}: {c.path} ({state}), {c.size} bytes",
+            f"  run: {' '.join(c.command)}",
+            f"  port: {c.port or 'a free one at each start'}",
+            "  attrs: "
+            + " ".join(
+                f"{k}={v}"
+                for k, v in sorted(
+                    {**c.attrs, "id": c.id, "size": str(c.size), "path": str(c.path)}.items()
+                )
+            ),
+            f"  health: {_health_text(c.health)}",
+            f"  restart: {c.restart.policy}, backoff {_seconds(c.restart.delay)} to "
+            f"{_seconds(c.restart.max_delay)}",
+        ]
+    for li in config.listeners:
+        lines += [
+            f"listener {li.addr}:",
+            f"  run per connection: {' '.join(li.command)}",
+            f"  at most {li.max_conns} connections",
+            "  attrs: " + (" ".join(f"{k}={v}" for k, v in sorted(li.attrs.items())) or "-"),
+            f"  health: {_health_text(li.health)}",
+        ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(
+        prog="geryon-agent",
+        description="Run a node's chunk servers and listeners from one TOML file, "
+        "announced in Geryon's registry under one lease.",
+    )
+    p.add_argument("--config", "-c", required=True, type=Path, metavar="FILE")
+    p.add_argument(
+        "--check", action="store_true", help="check the config, print what would run, exit"
+    )
+    p.add_argument(
+        "--tls-dir",
+        default=None,
+        help="identity to reach the registry with (default: tls_dir in the config, "
+        "else $GERYON_TLS_DIR; none: plain text)",
+    )
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    args = p.parse_args(argv)
+    logging.basicConfig(
+        format="%(message)s", level=args.log_level.upper(), stream=sys.stderr, force=True
+    )
+    try:
+        config = agent_config.load(args.config)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        sys.exit(2)
+    tls_dir = args.tls_dir or config.tls_dir or os.environ.get("GERYON_TLS_DIR") or None
+    config = dataclasses.replace(config, tls_dir=Path(tls_dir) if tls_dir else None)
+    if args.check:
+        print(describe(config))
+        sys.exit(0)
+    try:
+        code = asyncio.run(run_agent(config, handle_signals=True))
+    except KeyboardInterrupt:
+        code = 130
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,352 @@
+"""geryon-agent: the config checked before anything starts (unit tests), then
+real agents with real services, real signals and a registry that dies."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import BIN, Daemon, Registry, eventually, free_port
+from test_register import alive, dial, talk
+
+from geryon import agent_config, health
+from geryon.agent_config import ConfigError, parse_duration, parse_listen_addr, parse_size
+from geryon.client import Client
+from geryon.model import Service
+
+PY = sys.executable
+ECHO = [PY, str(Path(__file__).parent / "fixtures" / "echo.py")]
+CHUNKSERVE = [PY, "-m", "geryon.chunkserve", "{path}", "{port}"]
+# Restarts and reconnects fast, so the tests are quick.
+FAST = {"restart_delay": "50ms", "restart_max_delay": "200ms", "reconnect_max_delay": "300ms"}
+
+
+# ---- the config, without processes -------------------------------------------
+
+
+def toml_value(v: object) -> str:
+    if isinstance(v, dict):
+        return "{ " + ", ".join(f"{json.dumps(k)} = {toml_value(x)}" for k, x in v.items()) + " }"
+    return json.dumps(v)
+
+
+def toml(top: dict, chunks: list[dict] = (), listeners: list[dict] = ()) -> str:  # type: ignore[assignment]
+    lines = [f"{k} = {toml_value(v)}" for k, v in top.items()]
+    for kind, tables in (("chunk", chunks), ("listener", listeners)):
+        for t in tables:
+            lines.append(f"\n[[{kind}]]")
+            lines += [f"{k} = {toml_value(v)}" for k, v in t.items()]
+    return "\n".join(lines) + "\n"
+
+
+def chunk(cid: str, tmp_path: Path, **kw: object) -> dict:
+    return {"id": cid, "path": str(tmp_path / cid), "size": "1MiB", "command": CHUNKSERVE, **kw}
+
+
+def problems(tmp_path: Path, text: str) -> list[str]:
+    path = tmp_path / "node.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as e:
+        agent_config.load(path)
+    return e.value.problems
+
+
+def test_sizes_and_durations() -> None:
+    assert parse_size("64MiB") == parse_size("64M") == 64 << 20
+    assert parse_size(65536) == 65536 and parse_size("1GB") == 10**9
+    assert parse_duration("250ms") == 0.25 and parse_duration("2m") == 120
+    assert parse_listen_addr("tcp!*!0").bind_host == "0.0.0.0"
+    for bad in ("64XB", "-1", "0", "", "1.5G"):
+        with pytest.raises(ValueError):
+            parse_size(bad)
+    for bad in ("udp!*!0", "tcp!*!70000", "tcp!!1", "tcp!h"):
+        with pytest.raises(ValueError):
+            parse_listen_addr(bad)
+
+
+def test_config_errors_name_file_key_and_problem(tmp_path: Path) -> None:
+    text = toml(
+        {"host": "host0", "colour": "blue"},
+        [
+            chunk("c0", tmp_path),
+            chunk("c0", tmp_path, size="12XB", path=str(tmp_path / "x")),
+            {"id": "c2", "path": "p", "size": 1},
+        ],
+        [{"addr": "tcp!*!nope", "command": ["cat"]}],
+    )
+    got = problems(tmp_path, text)
+    f = str(tmp_path / "node.toml")
+    want = [
+        f"{f}: colour: unknown key",
+        f"{f}: chunk[1].size: bad size '12XB'",
+        f"{f}: chunk[1].id: duplicate chunk id 'c0' (also chunk[0].id)",
+        f"{f}: chunk[2].command: missing",
+        f"{f}: listener[0].addr: bad address 'tcp!*!nope'",
+    ]
+    for w in want:
+        assert any(p.startswith(w) for p in got), (w, got)
+    assert len(got) == len(want)
+
+
+def test_config_refuses_agent_attrs_and_bad_toml(tmp_path: Path) -> None:
+    got = problems(tmp_path, toml({}, [chunk("c0", tmp_path, attrs={"host": "x"})]))
+    assert got == [
+        f"{tmp_path / 'node.toml'}: chunk[0].attrs.host: set by the agent itself; "
+        "choose another name"
+    ]
+    got = problems(tmp_path, "host = \n")
+    assert got[0].startswith(f"{tmp_path / 'node.toml'}: bad TOML: ")
+
+
+def test_check_prints_the_plan_and_errors_start_nothing(tmp_path: Path) -> None:
+    cfg = tmp_path / "node.toml"
+    cfg.write_text(
+        toml(
+            {"host": "host0", "advertise": "127.0.0.1"},
+            [chunk("c0", tmp_path)],
+            [{"addr": "tcp!*!0", "command": ["cat"], "attrs": {"svc": "rstyx"}}],
+        )
+    )
+    r = subprocess.run(
+        [BIN / "geryon-agent", "--config", cfg, "--check"], capture_output=True, text=True
+    )
+    assert r.returncode == 0, r.stderr
+    assert "chunk c0:" in r.stdout and "will be created" in r.stdout
+    assert "listener tcp!*!0:" in r.stdout and "svc=rstyx" in r.stdout
+    assert not (tmp_path / "c0").exists()
+    cfg.write_text(toml({"host": "host0"}, [chunk("c0", tmp_path, size="big")]))
+    r = subprocess.run([BIN / "geryon-agent", "--config", cfg], capture_output=True, text=True)
+    assert r.returncode == 2
+    assert r.stderr.startswith(f"{cfg}: chunk[0].size: bad size 'big'")
+    assert not (tmp_path / "c0").exists()
+
+
+# ---- real agents ---------------------------------------------------------------
+
+
+class Agent(Daemon):
+    def __init__(self, tmp_path: Path, registry: Registry, chunks, listeners=(), **top) -> None:  # type: ignore[no-untyped-def]
+        host = top.pop("host", "host0")
+        self.config = tmp_path / f"{host}.toml"
+        self.top = {
+            "registry": registry.address,
+            "host": host,
+            "advertise": "127.0.0.1",
+            **FAST,
+            **top,
+        }
+        self.write(chunks, listeners)
+        super().__init__(
+            [str(BIN / "geryon-agent"), "--config", str(self.config)],
+            tmp_path / f"{host}.log",
+            f"agent {host}: ",
+        )
+
+    def write(self, chunks, listeners=()) -> None:  # type: ignore[no-untyped-def]
+        self.config.write_text(toml(self.top, chunks, listeners))
+
+    def wait_log(self, text: str, count: int = 1) -> object:
+        return eventually(lambda: self.log().count(text) >= count)
+
+
+@pytest.fixture
+def start_agent(daemons: list[Daemon], tmp_path: Path):  # type: ignore[no-untyped-def]
+    def start(registry: Registry, chunks, listeners=(), ready="services announced", **top):  # type: ignore[no-untyped-def]
+        a = Agent(tmp_path, registry, chunks, listeners, **top)
+        a.ready = ready
+        daemons.append(a)
+        return a.start()
+
+    return start
+
+
+async def entries(c: Client, **attrs: str) -> dict[str, Service]:
+    services, _ = await c.find(attrs)
+    return {s.attrs.get("id") or s.attrs.get("svc", s.name): s for s in services}
+
+
+async def test_agent_serves_restarts_and_dies_cleanly(
+    registry: Registry, start_agent, tmp_path: Path
+) -> None:
+    bg = tmp_path / "bg"
+    shell = ["sh", "-c", f"sleep 1000 & echo $! > {bg}; exec {' '.join(CHUNKSERVE)}"]
+    agent = start_agent(
+        registry,
+        [chunk("c0", tmp_path, attrs={"kfs": "1"}), chunk("c1", tmp_path, command=shell)],
+        [{"addr": "tcp!*!0", "command": [*ECHO, "stdio"], "attrs": {"svc": "rstyx"}}],
+        lease_ttl="30s",  # only the keepalive stream's end explains a fast deletion
+    )
+    assert "agent host0: 3 services announced" in agent.log()
+    # Another node on the same machine, advertising 127.0.0.1 too.
+    other = start_agent(registry, [chunk("h1c0", tmp_path)], host="host1")
+    async with registry.client() as c:
+        got = await entries(c, host="host0")
+        assert set(got) == {"c0", "c1", "rstyx"}
+        c0 = got["c0"]
+        assert c0.attrs["kfs"] == "1" and c0.attrs["size"] == str(1 << 20)
+        assert c0.attrs["path"] == str(tmp_path / "c0") and c0.attrs["name"] == "host0"
+        assert c0.attrs["health"] == "passing" and got["rstyx"].attrs["pid"] == str(agent.pid)
+        assert len({s.lease for s in got.values()}) == 1
+        stat = (tmp_path / "c0").stat()
+        assert stat.st_size == 1 << 20 and stat.st_blocks * 512 < stat.st_size  # sparse
+        with dial(c0.name) as conn:
+            assert talk(conn, "size") == str(1 << 20)
+        with dial(got["rstyx"].name) as conn:
+            assert conn.makefile().readline().startswith("hello ")
+
+        # A service that dies is unregistered and comes back on a new port.
+        old = int(c0.attrs["pid"])
+        os.kill(old, signal.SIGKILL)
+
+        async def restarted() -> bool:
+            s = (await entries(c, host="host0")).get("c0")
+            return s is not None and s.attrs["pid"] != str(old)
+
+        await eventually(restarted)
+        assert "c0: killed by SIGKILL; restarting in" in agent.log()
+
+        # kill -9 of the agent: its entries go with its keepalive stream, and
+        # every process it ran, grandchildren included, goes with it.
+        got = await entries(c, host="host0")
+        pids = [int(s.attrs["pid"]) for k, s in got.items() if k != "rstyx"]
+        pids.append(int(bg.read_text()))
+        assert all(alive(p) for p in pids)
+        agent.kill9()
+        await eventually(lambda: _no_entries(c), timeout=10)
+        assert set(await entries(c, host="host1")) == {"h1c0"}  # the other node's stay
+        assert other.running
+    await eventually(lambda: not any(alive(p) for p in pids), timeout=10)
+
+
+async def _no_entries(c: Client) -> bool:
+    return not (await c.find({"host": "host0"}))[0]
+
+
+async def test_registry_restart_keeps_the_lease_without_churn(
+    registry: Registry, start_agent, tmp_path: Path
+) -> None:
+    agent = start_agent(
+        registry,
+        [chunk("c0", tmp_path), chunk("c1", tmp_path)],
+        [{"addr": "tcp!*!0", "command": ["cat"], "attrs": {"svc": "rstyx"}}],
+        lease_ttl="6s",  # a revoked lease is noticed at the next keepalive, ttl/3
+    )
+    async with registry.client() as c:
+        before = await entries(c, host="host0")
+        watch = c.watch({"host": "host0"})
+        seen: list = []
+
+        async def consume() -> None:
+            async for m in watch:
+                seen.append(m)
+
+        task = asyncio.create_task(consume())
+        await eventually(lambda: seen)  # the watch's opening progress notice
+        await asyncio.to_thread(registry.restart)
+        await agent.wait_log("lease 1 resumed, 3 services kept")
+        assert await entries(c, host="host0") == before  # same revisions: nothing re-sent
+        revision = (await c.find({}))[1]
+        watch.request_progress()
+        await eventually(lambda: seen[-1].kind == "progress" and seen[-1].revision >= revision)
+        assert not [m for m in seen if m.kind == "events"]
+
+        # A lost lease (here revoked by an admin) is replaced, everything re-registered.
+        await c.revoke(before["c0"].lease)
+        after = await eventually(lambda: _all_back(c, before))
+        assert len({s.lease for s in after.values()}) == 1  # type: ignore[union-attr]
+        task.cancel()
+        await watch.close()
+    assert agent.log().count("unreachable") == 1
+    assert "lease 1 lost; registering 3 services under lease 2" in agent.log()
+
+
+async def _all_back(c: Client, before: dict[str, Service]) -> object:
+    now = await entries(c, host="host0")
+    if set(now) != set(before) or any(s.lease == before["c0"].lease for s in now.values()):
+        return None
+    return now
+
+
+async def test_registry_down_when_the_agent_starts(
+    tmp_path: Path, daemons: list[Daemon], start_agent
+) -> None:
+    registry = Registry(tmp_path / "registry", port=free_port())
+    daemons.append(registry)
+    agent = start_agent(registry, [chunk("c0", tmp_path)], ready="unreachable")
+    await asyncio.sleep(0.5)  # more retries; none is logged again
+    registry.start()
+    await agent.wait_log("services announced")
+    async with registry.client() as c:
+        assert set(await entries(c, host="host0")) == {"c0"}
+    assert agent.log().count("unreachable") == 1
+
+
+async def test_failing_health_check_flips_health(registry: Registry, start_agent, tmp_path):  # type: ignore[no-untyped-def]
+    ok = tmp_path / "ok"
+    ok.touch()
+    health = {
+        "type": "command",
+        "command": ["test", "-e", str(ok)],
+        "interval": "100ms",
+        "failure_threshold": 2,
+        "success_threshold": 1,
+    }
+    start_agent(registry, [chunk("c0", tmp_path, health=health)])
+    async with registry.client() as c:
+
+        async def health_is(value: str) -> bool:
+            return (await entries(c, host="host0"))["c0"].attrs["health"] == value
+
+        assert await health_is("passing")
+        ok.unlink()
+        await eventually(lambda: health_is("critical"))
+        ok.touch()
+        await eventually(lambda: health_is("passing"))
+
+
+async def test_sighup_applies_only_the_difference(
+    registry: Registry, start_agent, tmp_path: Path
+) -> None:
+    agent = start_agent(registry, [chunk("c0", tmp_path), chunk("c1", tmp_path)])
+    async with registry.client() as c:
+        before = await entries(c, host="host0")
+        c1_pid = int(before["c1"].attrs["pid"])
+        agent.write(
+            [chunk("c0", tmp_path), chunk("c2", tmp_path)],
+            [{"addr": "tcp!*!0", "command": ["cat"], "attrs": {"svc": "rstyx"}}],
+        )
+        agent.signal(signal.SIGHUP)
+        await agent.wait_log("services announced", 2)
+        after = await entries(c, host="host0")
+        assert set(after) == {"c0", "c2", "rstyx"}
+        assert after["c0"] == before["c0"]  # untouched: same pid, same revision
+        await eventually(lambda: not alive(c1_pid))
+
+        # A broken file is reported and the running config kept.
+        agent.config.write_text("host = \n")
+        agent.signal(signal.SIGHUP)
+        await agent.wait_log("keeping the running config")
+
+        # SIGTERM: entries gone at once (lease revoked), services stopped, exit 0.
+        pids = [int(s.attrs["pid"]) for k, s in after.items() if k != "rstyx"]
+        agent.signal(signal.SIGTERM)
+        assert await asyncio.to_thread(agent.proc.wait, 10) == 0
+        assert not (await c.find({"host": "host0"}))[0]
+        assert (await c.leases()) == []
+    assert not any(alive(p) for p in pids)
+
+
+async def test_health_checks_against_real_servers(registry: Registry) -> None:
+    """The registry serves the gRPC health protocol: a real server to ask."""
+    ok, why = await health.check_grpc("127.0.0.1", registry.port, "geryon.v1.Registry", 5)
+    assert ok, why
+    ok, why = await health.check_grpc("127.0.0.1", registry.port, "no.such.Service", 5)
+    assert not ok and "not_found" in why
+    assert (await health.check_tcp("127.0.0.1", registry.port, 5))[0]
+    assert not (await health.check_tcp("127.0.0.1", free_port(), 5))[0]

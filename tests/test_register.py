@@ -1,0 +1,243 @@
+"""geryon register and geryon reglisten, end to end: a real registry, the
+real CLI, real commands; we dial the registered address and talk to them."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import BIN, Daemon, Registry, eventually, free_port
+
+from geryon import announce
+
+ECHO = [sys.executable, str(Path(__file__).parent / "fixtures" / "echo.py")]
+# Long enough that only the keepalive stream's end can explain a fast deletion.
+LONG_TTL = "30"
+
+
+def alive(pid: int) -> bool:
+    """Running (a zombie waiting for a parent that is gone counts as dead)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def dial(name: str) -> socket.socket:
+    _, host, port = name.split("!")
+    s = socket.create_connection((host, int(port)), timeout=10)
+    s.settimeout(10)
+    return s
+
+
+def talk(s: socket.socket, line: str) -> str:
+    s.sendall(line.encode() + b"\n")
+    return s.makefile().readline().strip()
+
+
+@pytest.fixture
+def announcers(tmp_path: Path) -> Iterator[list[Daemon]]:
+    started: list[Daemon] = []
+    yield started
+    for d in started:
+        d.kill9()
+
+
+def start_cli(
+    announcers: list[Daemon], tmp_path: Path, registry: str, *args: str, ready: str
+) -> Daemon:
+    d = Daemon(
+        [
+            str(BIN / "geryon"),
+            "--registry",
+            registry,
+            args[0],
+            "--host",
+            "h0",
+            "--advertise",
+            "127.0.0.1",
+            "--reconnect-max",
+            "0.3",
+            *args[1:],
+        ],
+        tmp_path / f"{args[0]}{len(announcers)}.log",
+        ready,
+    )
+    announcers.append(d)
+    return d.start()
+
+
+async def one(client, attrs: dict) -> object:  # type: ignore[no-untyped-def]
+    services, _ = await client.find(attrs)
+    return services[0] if len(services) == 1 else None
+
+
+async def test_register_end_to_end(registry: Registry, announcers, tmp_path: Path) -> None:
+    reg = start_cli(
+        announcers,
+        tmp_path,
+        registry.address,
+        "register",
+        "-a",
+        "svc",
+        "echo",
+        "-a",
+        "proto",
+        "echo",
+        "--",
+        *ECHO,
+        "tcp",
+        "{port}",
+        ready="lease",
+    )
+    async with registry.client() as c:
+        s = await eventually(lambda: one(c, {"svc": "echo"}))
+        attrs = s.attrs
+        assert s.name.startswith("tcp!127.0.0.1!")
+        assert attrs["proto"] == "echo" and attrs["auth"] == "none"
+        assert attrs["name"] == attrs["host"] == "h0"
+        assert attrs["started"].isdigit() and attrs["health"] == "passing"
+        pid = int(attrs["pid"])
+        assert pid != reg.pid and alive(pid)
+        with dial(s.name) as conn:
+            assert talk(conn, "hi") == f"{pid} hi"
+            conn.sendall(b"exit 3\n")
+        # The entry goes with the command, and register exits with its status.
+        await eventually(lambda: _gone(c, "echo"))
+        assert reg.proc.wait(10) == 3
+
+
+async def test_register_kill9_leaves_nothing(registry: Registry, announcers, tmp_path) -> None:
+    reg = start_cli(
+        announcers,
+        tmp_path,
+        registry.address,
+        "register",
+        "--lease-ttl",
+        LONG_TTL,
+        "-a",
+        "svc",
+        "sh",
+        "--",
+        "sh",
+        "-c",
+        f"sleep 1000 & echo $! > {tmp_path}/bg; exec {' '.join(ECHO)} tcp {{port}}",
+        ready="lease",
+    )
+    async with registry.client() as c:
+        s = await eventually(lambda: one(c, {"svc": "sh"}))
+        pid, bg = int(s.attrs["pid"]), int((tmp_path / "bg").read_text())
+        assert alive(pid) and alive(bg)
+        reg.kill9()
+        await eventually(lambda: _gone(c, "sh"), timeout=10)
+    await eventually(lambda: not alive(pid) and not alive(bg), timeout=10)
+
+
+async def _gone(c, svc: str) -> bool:  # type: ignore[no-untyped-def]
+    services, _ = await c.find({"svc": svc})
+    return not services
+
+
+async def test_register_survives_registry(tmp_path: Path, daemons, announcers) -> None:
+    """Registry down at start, then up, then kill -9 and restarted."""
+    registry = Registry(tmp_path / "registry", port=free_port())
+    daemons.append(registry)
+    reg = start_cli(
+        announcers,
+        tmp_path,
+        registry.address,
+        "register",
+        "-a",
+        "svc",
+        "late",
+        "--",
+        *ECHO,
+        "tcp",
+        "{port}",
+        ready="unreachable",
+    )
+    await asyncio.sleep(0.5)  # more retries; none is logged again
+    registry.start()
+    async with registry.client() as c:
+        s = await eventually(lambda: one(c, {"svc": "late"}))
+        await asyncio.to_thread(registry.restart)
+        await eventually(lambda: "resumed" in reg.log())
+        again = await one(c, {"svc": "late"})
+        assert again == s  # same lease, same revisions: nothing was re-sent
+    assert reg.log().count("unreachable") == 2  # once at start, once at the restart
+    reg.signal(signal.SIGTERM)
+    assert reg.proc.wait(10) == 128 + signal.SIGTERM  # what ended echo.py
+
+
+async def test_reglisten_end_to_end(registry: Registry, announcers, tmp_path: Path) -> None:
+    rl = start_cli(
+        announcers,
+        tmp_path,
+        registry.address,
+        "reglisten",
+        "-u",
+        "1",
+        "-a",
+        "svc",
+        "rstyx",
+        "tcp!127.0.0.1!0",
+        "--",
+        *ECHO,
+        "stdio",
+        ready="lease",
+    )
+    async with registry.client() as c:
+        s = await eventually(lambda: one(c, {"svc": "rstyx"}))
+        assert not s.name.endswith("!0")  # the port really got
+        assert s.attrs["pid"] == str(rl.pid) and s.attrs["name"] == "h0"
+        a = dial(s.name)
+        greeting = a.makefile().readline().split()
+        assert greeting[0] == "hello"
+        first = int(greeting[1])
+        assert talk(a, "one") == f"{first} one"
+        with dial(s.name) as b:  # over the limit
+            assert b.makefile().readline() == "server overloaded\n"
+        a.sendall(b"exit 0\n")
+        a.close()
+        await eventually(lambda: not alive(first))
+
+        def second() -> str:
+            try:
+                with dial(s.name) as b:
+                    return b.makefile().readline()
+            except OSError:
+                return ""
+
+        line = await eventually(lambda: (x := second()).startswith("hello") and x)
+        assert int(str(line).split()[1]) != first  # a process per connection
+        rl.signal(signal.SIGTERM)
+        assert rl.proc.wait(10) == 0
+        assert not (await c.find({"svc": "rstyx"}))[0]
+
+
+def test_reglisten_bad_address() -> None:
+    r = subprocess.run(
+        [str(BIN / "geryon"), "reglisten", "tcp!*!x", "--", "cat"], capture_output=True, text=True
+    )
+    assert r.returncode == 2 and "tcp!*!x" in r.stderr
+
+
+def test_substitute_leaves_other_braces() -> None:
+    argv = announce.substitute(["sh", "-c", "{ echo {port}; } {other}"], {"port": "7"})
+    assert argv == ["sh", "-c", "{ echo 7; } {other}"]
+
+
+def test_backoff_is_jittered_and_capped() -> None:
+    b = announce.Backoff(0.1, 1.0)
+    delays = [b.next() for _ in range(10)]
+    caps = [min(1.0, 0.1 * 2**i) for i in range(10)]
+    assert all(cap / 2 <= d <= cap for d, cap in zip(delays, caps, strict=True))
+    b.reset()
+    assert b.next() <= 0.1

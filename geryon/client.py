@@ -55,6 +55,15 @@ def error_from_rpc(exc: grpc.aio.AioRpcError) -> errors.GeryonError:
     return cls(details, resume_revision=resume)
 
 
+def build(kind: type, **fields: object) -> object:
+    """A request message, or InvalidArgument for what protobuf cannot carry
+    (text that is not UTF-8, a number beyond int64)."""
+    try:
+        return kind(**fields)
+    except (ValueError, TypeError) as exc:
+        raise errors.InvalidArgument(f"{kind.__name__}: {exc}") from None
+
+
 def _transient(exc: BaseException) -> bool:
     return isinstance(exc, errors.GeryonError) and exc.transient
 
@@ -147,7 +156,8 @@ class Client:
         except grpc.aio.AioRpcError as exc:
             raise error_from_rpc(exc) from exc
 
-    async def _call(self, call: Callable[..., Awaitable[T]], request: object) -> T:
+    async def _call(self, call: Callable[..., Awaitable[T]], kind: type, **fields: object) -> T:
+        request = build(kind, **fields)
         # The first try runs outside tenacity: its per-call machinery would
         # cost more than the RPC itself on the common, successful path.
         try:
@@ -177,7 +187,11 @@ class Client:
     ) -> Service:
         r = await self._call(
             self.stub.Register,
-            pb.RegisterRequest(name=name, attrs=attrs or {}, lease=lease, persist=persist),
+            pb.RegisterRequest,
+            name=name,
+            attrs=attrs or {},
+            lease=lease,
+            persist=persist,
         )
         return service_from_pb(r.service)
 
@@ -191,24 +205,25 @@ class Client:
     ) -> Service:
         r = await self._call(
             self.stub.Update,
-            pb.UpdateRequest(
-                name=name,
-                set_attrs=set_attrs or {},
-                remove_attrs=list(remove_attrs),
-                expected_mod_revision=expected_mod_revision,
-            ),
+            pb.UpdateRequest,
+            name=name,
+            set_attrs=set_attrs or {},
+            remove_attrs=list(remove_attrs),
+            expected_mod_revision=expected_mod_revision,
         )
         return service_from_pb(r.service)
 
     async def unregister(self, name: str, *, expected_mod_revision: Revision = 0) -> Service:
         r = await self._call(
             self.stub.Unregister,
-            pb.UnregisterRequest(name=name, expected_mod_revision=expected_mod_revision),
+            pb.UnregisterRequest,
+            name=name,
+            expected_mod_revision=expected_mod_revision,
         )
         return service_from_pb(r.service)
 
     async def get(self, name: str) -> Service:
-        r = await self._call(self.stub.Get, pb.GetRequest(name=name))
+        r = await self._call(self.stub.Get, pb.GetRequest, name=name)
         return service_from_pb(r.service)
 
     async def find(
@@ -216,21 +231,21 @@ class Client:
     ) -> tuple[list[Service], Revision]:
         """Services matching every attr (``*`` any value) and the prefix,
         sorted by name, with the revision they were read at."""
-        r = await self._call(self.stub.Find, pb.FindRequest(attrs=attrs or {}, prefix=prefix))
+        r = await self._call(self.stub.Find, pb.FindRequest, attrs=attrs or {}, prefix=prefix)
         return [service_from_pb(s) for s in r.services], r.header.revision
 
     # ---- leases -------------------------------------------------------------
 
     async def grant(self, ttl_ms: int) -> LeaseID:
-        r = await self._call(self.stub.Grant, pb.GrantRequest(ttl_ms=ttl_ms))
+        r = await self._call(self.stub.Grant, pb.GrantRequest, ttl_ms=ttl_ms)
         return r.lease
 
     async def revoke(self, lease: LeaseID) -> int:
-        r = await self._call(self.stub.Revoke, pb.RevokeRequest(lease=lease))
+        r = await self._call(self.stub.Revoke, pb.RevokeRequest, lease=lease)
         return r.deleted
 
     async def leases(self) -> list[LeaseInfo]:
-        r = await self._call(self.stub.Leases, pb.LeasesRequest())
+        r = await self._call(self.stub.Leases, pb.LeasesRequest)
         return [LeaseInfo(x.lease, x.ttl_ms, x.remaining_ms, x.owner, x.services) for x in r.leases]
 
     def lease(self, ttl_ms: int = 5000) -> Lease:
@@ -410,7 +425,8 @@ class Watch:
             backoff = min(backoff * 2, 2.0)
 
     async def _once(self, snapshot: bool) -> AsyncIterator[WatchMessage]:
-        create = pb.WatchCreateRequest(
+        create = build(
+            pb.WatchCreateRequest,
             attrs=self.attrs,
             prefix=self.prefix,
             start_revision=0 if snapshot else self.next_revision,

@@ -1,13 +1,16 @@
 """`make demo`: a small live cluster on this machine, narrated.
 
 It makes a cluster CA in .demo/, starts geryon-registryd with TLS on a
-loopback port, and tours the CLI: register, ls, watch, a lease that ends when
-its holder dies, a registry restart that loses nothing. On a terminal it then
+loopback port, two node agents (host0, host1: two chunks and a cpu listener
+each), and the reconciler naming the chunks from an ndb file; then it shows
+ls, a live ndb edit, a master chunk's failover and failback, an agent killed
+with kill -9, and a registry restart that loses nothing. On a terminal it
 keeps the cluster up until Ctrl-C; without one (CI) it stops by itself.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -122,65 +125,168 @@ def say(text: str) -> None:
     print(f"\n## {text}", flush=True)
 
 
-def tour(c: Cluster) -> None:
-    say("a registry with mutual TLS; every caller has a certificate from the demo CA")
-    c.run("ca", "show", str(c.home / "id" / "admin"))
+CLUSTER_NDB = """\
+# /lib/ndb/cluster, as in the lab note: disk names and the chunks serving them
+name=d0.mbox kfs
+  master=host0!chunk0
+  replica=d0.replica
 
-    say("watch every change, as a background process")
+name=d1.mbox kfs
+  master=host0!chunk1
+  replica=d1.replica
+
+name=d0.replica kfs
+  master=host1!chunk0 replica
+
+name=d1.replica kfs
+  master=host1!chunk1 replica
+"""
+
+SCRATCH = """
+name=scratch kfs
+  master=host1!chunk1
+"""
+
+
+def agent_config(c: Cluster, host: str) -> Path:
+    chunks = c.home / "chunks" / host
+    chunks.mkdir(parents=True, exist_ok=True)
+    lines = [
+        f'registry = "127.0.0.1:{c.port}"',
+        f'host = "{host}"',
+        'advertise = "127.0.0.1"',
+        f'tls_dir = "{c.home / "id" / host}"',
+        'lease_ttl = "10s"',
+        'restart_delay = "3s"',
+    ]
+    for chunk in ("chunk0", "chunk1"):
+        lines += [
+            "",
+            "[[chunk]]",
+            f'id = "{chunk}"',
+            f'path = "{chunks / chunk}"',
+            'size = "64MiB"',
+            f'command = ["{sys.executable}", "-m", "geryon.chunkserve", "{{path}}", "{{port}}"]',
+            'attrs = { kfs = "1" }',
+            'health = { type = "tcp", interval = "1s" }',
+        ]
+    lines += [
+        "",
+        "[[listener]]",
+        'addr = "tcp!*!0"',
+        'attrs = { svc = "rstyx" }',
+        f'command = ["{sys.executable}", "-c", "print(\'cpu service on {host}\')"]',
+    ]
+    path = c.home / f"{host}.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def start_agent(c: Cluster, host: str) -> None:
+    c.start(
+        f"agent-{host}",
+        [str(BIN / "geryon-agent"), "--config", str(c.home / f"{host}.toml")],
+        "services announced",
+        env={**c.env, "GERYON_TLS_DIR": ""},
+    )
+
+
+def wait_for(c: Cluster, check: str, *args: str, timeout: float = 15) -> None:
+    """Poll a CLI command until its output contains ``check``."""
+    deadline = time.monotonic() + timeout
+    while check not in c.run(*args, show=False) and time.monotonic() < deadline:
+        time.sleep(0.2)
+
+
+def chunk_size(addr: str) -> str:
+    """What rmnt would mount: dial the chunk server at addr and ask its size."""
+    _, host, port = addr.split("!")
+    with socket.create_connection((host, int(port)), timeout=5) as s:
+        s.sendall(b"size\n")
+        return s.recv(64).decode().strip()
+
+
+def tour(c: Cluster) -> None:
+    say("a registry with mutual TLS; every program has a certificate from the demo CA")
+    c.run("ca", "show", str(c.home / "id" / "host0"))
+
+    say("watch every change, in the background")
     watch_log = c.home / "watch.log"
     with open(watch_log, "w") as out:
         c.procs["watch"] = subprocess.Popen(
             [str(BIN / "geryon"), "watch"], stdout=out, stderr=subprocess.STDOUT, env=c.env
         )
-    time.sleep(1)
 
-    say("persistent entries, as /lib/ndb/cluster's disk names would be")
-    c.run("set", "d0.mbox", "addr=tcp!host0!6701", "automount=1", "persist=1", "--persist")
-    c.run("set", "d0.replica", "addr=tcp!host1!6701", "automount=1", "persist=1", "--persist")
-    c.run("set", "tcp!host0!6666", "svc=rstyx", "name=host0", "--persist")
-    c.run("set", "tcp!host1!6666", "svc=rstyx", "name=host1", "--persist")
+    say("two nodes, host0 and host1: each agent serves two chunks and one cpu listener")
+    for host in ("host0", "host1"):
+        agent_config(c, host)
+        start_agent(c, host)
+    print((c.home / "host0.toml").read_text(), end="")
     c.run("ls")
     c.run("ls", "--attr", "svc=rstyx")
-    c.run("ls", "-n", "--attr", "automount=*")
+    # The lab note's `ndb/regquery -n name $host id $chunk`:
+    c.run("ls", "-n", "--attr", "name=host0", "--attr", "id=chunk0")
 
-    say("a service that lives as long as its process: killed with kill -9, it is gone at once")
-    holder = subprocess.Popen(
-        [sys.executable, "-c", HOLDER],
-        env={**c.env, "GERYON_TLS_DIR": str(c.home / "id" / "host0")},
-        stdout=subprocess.PIPE,
-        text=True,
+    say("disk names from an ndb file, kept in the registry by the reconciler")
+    ndb = c.home / "cluster"
+    ndb.write_text(CLUSTER_NDB)
+    c.run("ndb", "query", "-f", str(ndb), "-a", "kfs", "", "name")
+    c.start(
+        "reconciler",
+        [str(BIN / "geryon-reconciler"), "--ndb", str(ndb)],
+        "reconciler: watching",
     )
-    holder.stdout.readline()
-    c.run("ls", "--attr", "svc=kfs")
-    c.run("leases")
-    holder.kill()
-    holder.wait()
-    time.sleep(0.5)
-    c.run("ls", "--attr", "svc=kfs")
+    wait_for(c, "d1.replica", "ls", "-n", "--attr", "managed-by=reconciler")
+    c.run("ls", "--attr", "managed-by=reconciler")
+    c.run("resolve", "d0.mbox")
+    addr = c.run("resolve", "d0.mbox", show=False).strip()
+    print(f"(rmnt d0.mbox: dial {addr}; the chunk says its size is {chunk_size(addr)} bytes)")
 
-    say("the registry is killed with kill -9 and restarted: nothing is lost")
+    say("the ndb file is edited live: a new disk name appears, then goes")
+    with open(ndb, "a") as f:
+        f.write(SCRATCH)
+    wait_for(c, "scratch", "ls", "-n", "--prefix", "scratch")
+    c.run("ls", "--prefix", "scratch")
+    ndb.write_text(CLUSTER_NDB)
+    time.sleep(1.5)
+    c.run("ls", "-n", "--attr", "managed-by=reconciler")
+
+    say(
+        "d0.mbox's master chunk dies (kill -9): the name fails over to its replica, "
+        "and back once the agent has restarted the chunk"
+    )
+    master = json.loads(
+        c.run("ls", "--json", "--attr", "name=host0", "--attr", "id=chunk0", show=False)
+    )[0]
+    os.kill(int(master["attrs"]["pid"]), signal.SIGKILL)
+    wait_for(c, "serving replica", "get", "d0.mbox")
+    c.run("get", "d0.mbox")
+    wait_for(c, "serving master", "get", "d0.mbox")
+    c.run("get", "d0.mbox")
+
+    say("node host1's agent is killed with kill -9: its entries vanish at once")
+    c.kill9("agent-host1")
+    time.sleep(0.5)
+    c.run("ls", "--attr", "svc=rstyx")
+    c.run("ls", "-n", "--attr", "name=host1")
+    c.run("get", "d0.replica")
+    start_agent(c, "host1")
+
+    say(
+        "the registry is killed with kill -9 and restarted: every entry comes back, "
+        "the agents' leases resume"
+    )
+    before = c.run("ls", show=False)
     c.kill9("registry")
     c.registry()
+    wait_for(c, before, "ls")
     c.run("ls")
 
     c.procs["watch"].send_signal(signal.SIGINT)
     c.procs.pop("watch").wait(10)
-    say("what the watcher saw (PUT/DELETE, revision, entry), across the restart")
-    print(watch_log.read_text(), end="", flush=True)
-
-
-HOLDER = """
-import asyncio, os
-from geryon.client import Client
-async def main():
-    c = Client()
-    lease = c.lease(60_000)
-    await lease.start()
-    await c.register("tcp!host0!6701", {"svc": "kfs", "id": "chunk0"}, lease=lease.id)
-    print("ready", flush=True)
-    await asyncio.sleep(3600)
-asyncio.run(main())
-"""
+    events = watch_log.read_text().splitlines(keepends=True)
+    say(f"what the watcher saw: {len(events)} events (PUT/DELETE, revision, entry); the last ten")
+    print("".join(events[-10:]), end="", flush=True)
 
 
 def main() -> None:

@@ -44,6 +44,7 @@ bench: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check geryon tests bench
+	$(BIN)/lint-imports .importlinter
 
 clean:
 	rm -rf $(VENV) .pytest_cache

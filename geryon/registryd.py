@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import grpc
+import uvloop
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
@@ -337,7 +338,10 @@ def main(argv: list[str] | None = None) -> None:
         level=args.log_level.upper(), format="%(asctime)s %(message)s", stream=sys.stderr
     )
     try:
-        sys.exit(asyncio.run(serve(args)))
+        # uvloop: a tenth less CPU per request than asyncio's own loop, measured
+        # under grpc.aio (bench/README.md).
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            sys.exit(runner.run(serve(args)))
     except GeryonError as exc:
         print(f"geryon-registryd: {exc}", file=sys.stderr)
         sys.exit(1)

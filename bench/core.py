@@ -46,6 +46,12 @@ class Sizes:
     churn: int = 1_000  # leases granted, renewed once and revoked (16 clients)
     churn_1: int = 1_000  # the same with 1 client
     echo_calls: int = 2_000  # per round and concurrency
+    agents: int = 20  # re-announce: node agents, in-process in agent_helpers processes
+    agent_services: int = 50  # services per agent
+    agent_helpers: int = 2
+    conv_disks: int = 100  # convergence latency: disk names in the ndb file
+    conv_changes: int = 200  # chunk registrations and deaths, one at a time
+    resync_disks: int = 1_000  # full resync
     quick: bool = False
 
     @classmethod
@@ -62,6 +68,11 @@ class Sizes:
             churn=40,
             churn_1=20,
             echo_calls=200,
+            agents=2,
+            agent_services=5,
+            conv_disks=10,
+            conv_changes=20,
+            resync_disks=50,
             quick=True,
         )
 

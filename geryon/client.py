@@ -334,6 +334,8 @@ class Lease:
                     log.warning("lease %d: %s", self.id, exc)
                     self.lost.set()
                     return
+            if self.connected.is_set():  # it had worked: start backing off afresh
+                backoff = 0.05
             self.connected.clear()
             await asyncio.sleep(backoff * (0.5 + random.random()))
             backoff = min(backoff * 2, 2.0)

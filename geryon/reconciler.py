@@ -89,6 +89,9 @@ DEBOUNCE_S = 0.02
 CONCURRENCY = 64
 # A write failing so lost a race: the entry changed, vanished or appeared
 # since the pass read it. The pass runs again from fresh reads.
+# Past this many disk names without a managed entry (a first pass), one
+# unfiltered Find is cheaper than a Get each.
+MAX_GETS = 32
 LOST_RACE = (errors.FailedPrecondition, errors.NotFound, errors.AlreadyExists)
 
 
@@ -353,9 +356,13 @@ class Reconciler:
         actual = {s.name: s for s in managed}
         # A disk name with no managed entry may still be taken by someone.
         missing = [n for n in disks if n not in actual]
-        for name, s in zip(missing, await _bounded(map(self._get, missing)), strict=True):
-            if s is not None:
-                actual[name] = s
+        if len(missing) > MAX_GETS:  # one read of everything beats many Gets
+            everything, _ = await self.client.find()
+            actual.update((s.name, s) for s in everything if s.name in disks and s.name in missing)
+        else:
+            for name, s in zip(missing, await _bounded(map(self._get, missing)), strict=True):
+                if s is not None:
+                    actual[name] = s
         chunks, _ = await self.client.find(CHUNK_FILTER)
         desired = desired_entries(disks, chunks, failback=self.failback, actual=actual)
         actions = plan(desired, actual)
@@ -465,17 +472,22 @@ async def run(
     backoff = 0.1
     unready = True
     failure = ""
+    idle_since = float("-inf")  # when the last pass ended
     try:
         while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(kick.wait(), max(0.0, next_resync - loop.time()))
-            await asyncio.sleep(debounce)
+            # After a quiet spell the first trigger is served at once; triggers
+            # that come while we are busy are gathered for a moment first.
+            if loop.time() - idle_since < debounce:
+                await asyncio.sleep(debounce)
             kick.clear()  # a trigger from here on means another pass
             full = loop.time() >= next_resync
             if full:
                 next_resync = loop.time() + resync
             try:
                 result = await rec.reconcile(force_read=full)
+                idle_since = loop.time()
             except errors.GeryonError as exc:
                 if str(exc) != failure:
                     log.warning("reconciler: registry %s: %s; retrying", client.target, exc)

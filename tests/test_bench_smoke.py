@@ -26,6 +26,14 @@ ROWS = [
     "death notice: holder kill -9 until delete seen",
     "restart with 400 services: first read",
     "restart with 400 services: all 4 leases renewed",
+    "re-announce: 2 agents x 5 services, registry kill -9 until Find has all 10",
+    "re-announce: registry kill -9 until all 2 agents' leases renewed",
+    "re-announce: watch events for the 10 entries (goal 0)",
+    "agent with 5 services kill -9 until watcher sees all deleted",
+    "reconciler: chunk up/down until disk entry follows, p50 (20 changes, 10 disks)",
+    "reconciler: chunk up/down until disk entry follows, p99 (20 changes, 10 disks)",
+    "reconciler: full resync of 50 disk names, first pass (creates 50)",
+    "reconciler: full resync of 50 disk names, nothing to change",
 ]
 
 

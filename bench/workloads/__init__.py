@@ -11,7 +11,17 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from bench.core import Sizes, Workload
-from bench.workloads import churn, death, echo, fanout, find, register, restart
+from bench.workloads import (
+    churn,
+    convergence,
+    death,
+    echo,
+    fanout,
+    find,
+    reannounce,
+    register,
+    restart,
+)
 
 WORKLOADS: list[Callable[[Sizes], Workload]] = [
     echo.workload,
@@ -21,4 +31,7 @@ WORKLOADS: list[Callable[[Sizes], Workload]] = [
     churn.workload,
     death.workload,
     restart.workload,
+    reannounce.workload,
+    convergence.workload,
+    convergence.resync_workload,
 ]

@@ -486,7 +486,19 @@ async def test_metrics_endpoint(start_registry) -> None:
         await c.register("tcp!m!1", {"svc": "x"}, persist=True)
         with pytest.raises(errors.NotFound):
             await c.get("nope")
-    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+
+    def scrape() -> str:
+        return (
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+        )
+
+    # An RPC is counted as its handler ends, which may be just after the
+    # client has its answer.
+    def counted() -> str:
+        body = scrape()
+        return body if 'method="Get"' in body else ""
+
+    body = await eventually(counted)
     assert "geryon_services 1.0" in body
     assert 'geryon_rpcs_total{code="OK",method="Register"} 1.0' in body
     assert 'geryon_rpcs_total{code="NOT_FOUND",method="Get"} 1.0' in body

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import os
 import sys
@@ -19,7 +20,7 @@ from typing import Any
 from geryon import errors
 from geryon.cli_announce import add_announce_commands
 from geryon.client import DEFAULT_REGISTRY, Client, WatchMessage
-from geryon.model import Event, Service, validate_attr_name
+from geryon.model import ROLES, Event, Service, validate_attr_name
 from geryon.ndb import quote
 from geryon.resolve import add_resolve_command
 
@@ -52,6 +53,14 @@ def parse_attrs(items: Sequence[str] | None, *, wildcard: bool = False) -> dict[
             raise UsageError(f"attribute {attr!r} given twice")
         out[attr] = value
     return out
+
+
+def registry_address(text: str) -> str:
+    """HOST:PORT, checked here so a typo is a usage error, not a retry loop."""
+    host, sep, port = text.rpartition(":")
+    if text.startswith("unix:") or (sep and host and port.isdigit() and 0 < int(port) < 65536):
+        return text
+    raise argparse.ArgumentTypeError(f"want HOST:PORT, got {text!r}")
 
 
 def text_line(s: Service) -> str:
@@ -144,6 +153,10 @@ async def cmd_rm(args: argparse.Namespace) -> int:
 
 
 async def cmd_watch(args: argparse.Namespace) -> int:
+    if args.snapshot and args.rev:
+        raise UsageError("--snapshot and --rev: give one (a snapshot starts from now)")
+    if args.rev < 0:
+        raise UsageError(f"--rev: want a revision, got {args.rev}")
     async with client_for(args) as c:
         watch = c.watch(
             parse_attrs(args.attr, wildcard=True),
@@ -151,7 +164,15 @@ async def cmd_watch(args: argparse.Namespace) -> int:
             snapshot=args.snapshot,
             start_revision=args.rev,
         )
-        async for message in watch:
+        messages = aiter(watch)
+        # The watch itself rides out a registry restart; but a registry that
+        # never answers at all is an error the user should hear about.
+        try:
+            first = await asyncio.wait_for(anext(messages), args.timeout)
+        except TimeoutError:
+            raise errors.Unavailable(f"no answer in {args.timeout:g}s") from None
+        print_watch(first, as_json=args.json)
+        async for message in messages:
             print_watch(message, as_json=args.json)
     return 0
 
@@ -178,23 +199,7 @@ async def cmd_leases(args: argparse.Namespace) -> int:
     async with client_for(args) as c:
         leases = await c.leases()
     if args.json:
-        print(
-            json.dumps(
-                [
-                    lease.__dict__
-                    if hasattr(lease, "__dict__")
-                    else {
-                        "lease": lease.id,
-                        "ttl_ms": lease.ttl_ms,
-                        "remaining_ms": lease.remaining_ms,
-                        "owner": lease.owner,
-                        "services": lease.services,
-                    }
-                    for lease in leases
-                ],
-                indent=1,
-            )
-        )
+        print(json.dumps([dataclasses.asdict(lease) for lease in leases], indent=1))
     else:
         for lease in leases:
             print(
@@ -211,8 +216,14 @@ async def cmd_ca(args: argparse.Namespace) -> int:
         tls.init_ca(Path(args.cadir), days=args.days)
         print(f"geryon: cluster CA in {args.cadir}: keep ca.key secret")
     elif args.ca_command == "issue":
-        out = tls.issue(Path(args.cadir), args.name, role=args.role, out=Path(args.out),
-                        days=args.days, sans=args.san or ())
+        out = tls.issue(
+            Path(args.cadir),
+            args.name,
+            role=args.role,
+            out=Path(args.out),
+            days=args.days,
+            sans=args.san or (),
+        )
         print(tls.show(out))
     else:
         print(tls.show(Path(args.dir)))
@@ -235,6 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--registry",
+        type=registry_address,
         default=os.environ.get("GERYON_REGISTRY", DEFAULT_REGISTRY),
         metavar="HOST:PORT",
         help=f"the registry (default $GERYON_REGISTRY or {DEFAULT_REGISTRY})",
@@ -323,10 +335,13 @@ def build_parser() -> argparse.ArgumentParser:
     le.add_argument("--json", action="store_true")
     le.set_defaults(run=cmd_leases)
 
-    ca = sub.add_parser("ca", help="make a cluster CA and issue identities",
-                        description="Identities for mutual TLS: a cluster CA (Inferno's "
-                        "createsignerkey) and certificates naming geryon://ROLE/NAME "
-                        "(getauthinfo). Keys are written mode 0600 and never printed.")
+    ca = sub.add_parser(
+        "ca",
+        help="make a cluster CA and issue identities",
+        description="Identities for mutual TLS: a cluster CA (Inferno's "
+        "createsignerkey) and certificates naming geryon://ROLE/NAME "
+        "(getauthinfo). Keys are written mode 0600 and never printed.",
+    )
     casub = ca.add_subparsers(dest="ca_command", metavar="CA_COMMAND")
     casub.required = True
     init = casub.add_parser("init", help="make a cluster CA in CADIR")
@@ -335,11 +350,15 @@ def build_parser() -> argparse.ArgumentParser:
     iss = casub.add_parser("issue", help="issue an identity: ca.crt, cert.pem, key.pem in --out")
     iss.add_argument("cadir")
     iss.add_argument("name")
-    iss.add_argument("--role", required=True, choices=["server", "admin", "node", "reader"])
+    iss.add_argument("--role", required=True, choices=ROLES)
     iss.add_argument("--out", required=True, metavar="DIR")
     iss.add_argument("--days", type=int, default=365)
-    iss.add_argument("--san", action="append", metavar="HOST",
-                     help="extra DNS name or IP for a server certificate (repeatable)")
+    iss.add_argument(
+        "--san",
+        action="append",
+        metavar="HOST",
+        help="extra DNS name or IP for a server certificate (repeatable)",
+    )
     show = casub.add_parser("show", help="who a certificate says it is, and when it expires")
     show.add_argument("dir", metavar="DIR_OR_CERT")
     ca.set_defaults(run=cmd_ca)
@@ -347,8 +366,12 @@ def build_parser() -> argparse.ArgumentParser:
     nd = sub.add_parser("ndb", help="query an ndb file as Inferno's ndb/query does")
     ndsub = nd.add_subparsers(dest="ndb_command", metavar="NDB_COMMAND")
     ndsub.required = True
-    q = ndsub.add_parser("query", help="ndb/query [-a] [-f FILE] ATTR [VALUE [RATTR]]",
-                         prefix_chars="\0", add_help=False)
+    q = ndsub.add_parser(
+        "query",
+        help="ndb/query [-a] [-f FILE] ATTR [VALUE [RATTR]]",
+        prefix_chars="\0",
+        add_help=False,
+    )
     q.add_argument("args", nargs=argparse.REMAINDER)
     nd.set_defaults(run=cmd_ndb)
     add_announce_commands(sub)

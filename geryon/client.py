@@ -33,14 +33,13 @@ from tenacity import (
 )
 
 from geryon import errors
-from geryon.convert import event_from_pb, pb, pb_grpc, service_from_pb
+from geryon.convert import RESUME_KEY, event_from_pb, pb, pb_grpc, service_from_pb
 from geryon.model import Event, LeaseID, Revision, Service
 
 log = logging.getLogger("geryon.client")
 
 T = TypeVar("T")
 DEFAULT_REGISTRY = "127.0.0.1:6675"
-RESUME_KEY = "geryon-resume-revision"
 
 
 def error_from_rpc(exc: grpc.aio.AioRpcError) -> errors.GeryonError:
@@ -305,11 +304,15 @@ class Lease:
         self._task = asyncio.create_task(self._keep(), name=f"lease-{self.id}")
         # The first renewal makes this stream the lease's holder, so a crash
         # from here on ends the lease at once.
-        await asyncio.wait(
-            [asyncio.ensure_future(self.connected.wait()), self._task],
-            timeout=self.ttl_ms / 1000,
-            return_when=asyncio.FIRST_COMPLETED,
-        )
+        connected = asyncio.ensure_future(self.connected.wait())
+        try:
+            await asyncio.wait(
+                [connected, self._task],
+                timeout=self.ttl_ms / 1000,
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+        finally:
+            connected.cancel()
 
     async def close(self, *, revoke: bool) -> None:
         if self._task is not None:
@@ -341,14 +344,10 @@ class Lease:
             backoff = min(backoff * 2, 2.0)
 
     async def _stream(self, interval: float) -> None:
-        wake = asyncio.Event()
-
         async def requests() -> AsyncIterator[pb.KeepAliveRequest]:
             while True:
                 yield pb.KeepAliveRequest(lease=self.id)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(wake.wait(), interval)
-                wake.clear()
+                await asyncio.sleep(interval)
 
         call = self.client.stub.KeepAlive(requests(), metadata=self.client.metadata)
         try:

@@ -10,8 +10,19 @@ from geryon.model import Event, EventType, Revision, Service
 from geryon.v1 import registry_pb2 as pb
 from geryon.v1 import registry_pb2_grpc as pb_grpc
 
-__all__ = ["event_from_pb", "event_to_pb", "header", "pb", "pb_grpc", "service_from_pb",
-           "service_to_pb"]
+__all__ = [
+    "RESUME_KEY",
+    "event_from_pb",
+    "event_to_pb",
+    "header",
+    "pb",
+    "pb_grpc",
+    "service_from_pb",
+    "service_to_pb",
+]
+
+# Trailing metadata naming the revision a cut-off watcher resumes from.
+RESUME_KEY = "geryon-resume-revision"
 
 _EVENT_TYPE = {EventType.PUT: pb.Event.TYPE_PUT, EventType.DELETE: pb.Event.TYPE_DELETE}
 _EVENT_TYPE_BACK = {v: k for k, v in _EVENT_TYPE.items()}

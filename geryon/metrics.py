@@ -36,7 +36,7 @@ class Metrics:
             "geryon_rpcs", "RPCs by method and status code", ["method", "code"], registry=r
         )
         self.latency = Histogram(
-            "geryon_rpc_seconds", "RPC latency (streams: until opened)", ["method"], registry=r
+            "geryon_rpc_seconds", "RPC latency (a stream: its whole life)", ["method"], registry=r
         )
         self.commit = Histogram(
             "geryon_commit_seconds", "Store commit (transaction + fsync) latency", registry=r
@@ -51,8 +51,21 @@ class Metrics:
 
 
 class _Interceptor(grpc.aio.ServerInterceptor):
+    """Counts every RPC by method and final status code, and times it (a
+    stream from open to close)."""
+
     def __init__(self, metrics: Metrics) -> None:
         self.m = metrics
+
+    def _done(
+        self, method: str, context: grpc.aio.ServicerContext, started: float, failed: bool
+    ) -> None:
+        code = "OK"
+        if failed:
+            c = context.code()
+            code = c.name if isinstance(c, grpc.StatusCode) else "CANCELLED"
+        self.m.rpcs.labels(method, code).inc()
+        self.m.latency.labels(method).observe(time.perf_counter() - started)
 
     async def intercept_service(
         self,
@@ -60,29 +73,39 @@ class _Interceptor(grpc.aio.ServerInterceptor):
         details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(details)
-        if handler is None or handler.unary_unary is None:
-            if handler is not None:
-                self.m.rpcs.labels(details.method.rsplit("/", 1)[-1], "STREAM").inc()
+        if handler is None:
             return handler
         method = details.method.rsplit("/", 1)[-1]
-        inner = handler.unary_unary
-        m = self.m
+        codec = {
+            "request_deserializer": handler.request_deserializer,
+            "response_serializer": handler.response_serializer,
+        }
+        if handler.unary_unary is not None:
+            unary = handler.unary_unary
 
-        async def measured(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            started = time.perf_counter()
-            code = "OK"
+            async def measured(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                started, failed = time.perf_counter(), True
+                try:
+                    response = await unary(request, context)
+                    failed = False
+                    return response
+                finally:
+                    self._done(method, context, started, failed)
+
+            return grpc.unary_unary_rpc_method_handler(measured, **codec)
+        streaming = handler.unary_stream or handler.stream_stream
+        if streaming is None:
+            return handler
+
+        async def measured_stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            started, failed = time.perf_counter(), True
             try:
-                return await inner(request, context)
-            except BaseException:
-                c = context.code()
-                code = c.name if isinstance(c, grpc.StatusCode) else "UNKNOWN"
-                raise
+                async for response in streaming(request, context):
+                    yield response
+                failed = False
             finally:
-                m.rpcs.labels(method, code).inc()
-                m.latency.labels(method).observe(time.perf_counter() - started)
+                self._done(method, context, started, failed)
 
-        return grpc.unary_unary_rpc_method_handler(
-            measured,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
+        if handler.unary_stream is not None:
+            return grpc.unary_stream_rpc_method_handler(measured_stream, **codec)
+        return grpc.stream_stream_rpc_method_handler(measured_stream, **codec)

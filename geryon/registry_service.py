@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 
 import grpc
 
-from geryon.convert import event_to_pb, header, pb, pb_grpc, service_to_pb
+from geryon.convert import RESUME_KEY, event_to_pb, header, pb, pb_grpc, service_to_pb
 from geryon.errors import (
     GeryonError,
     InvalidArgument,
@@ -40,7 +40,6 @@ Authenticate = Callable[[grpc.aio.ServicerContext], Caller]
 DEFAULT_PROGRESS_S = 10.0
 MAX_EVENTS_PER_MESSAGE = 1000
 SNAPSHOT_CHUNK = 1000
-RESUME_KEY = "geryon-resume-revision"
 
 # Who may do what, beyond ownership (which the store checks). Deny by default.
 WRITERS = frozenset({"admin", "node"})
@@ -96,7 +95,7 @@ class RegistryService(pb_grpc.RegistryServicer):
         self.keepalive_rate = keepalive_rate
         # Open streams by caller, so a newly denied identity can be cut off.
         self._wire_cache: dict[int, tuple[Event, pb.Event]] = {}
-        self.streams: dict[object, tuple[Caller, Callable[[], None]]] = {}
+        self.streams: dict[object, tuple[Caller, Callable[[GeryonError], None]]] = {}
         # Set before the server stops, so streams it ends do not look like
         # clients that went away (which would end their leases).
         self.stopping = False
@@ -272,16 +271,27 @@ class RegistryService(pb_grpc.RegistryServicer):
         # another stream moves there, so only the newest holder's end counts.
         token = object()
         held: set[int] = set()
-        task = asyncio.current_task()
         rate = Quota(self.keepalive_rate)  # per stream
+        # The registry ends a stream (shutdown, a denied caller) through this,
+        # with a status the client sees, rather than by cancelling the handler.
+        ended: asyncio.Future[GeryonError] = asyncio.get_running_loop().create_future()
         client_gone = False
         try:
             caller = self.authenticate(context)
             if caller.role not in WRITERS:
                 raise PermissionDenied(f"{caller.role} {caller.name} may not keep leases alive")
-            if task is not None:
-                self.streams[token] = (caller, task.cancel)
-            async for request in request_iterator:
+            self.streams[token] = (caller, lambda e: ended.done() or ended.set_result(e))
+            requests = aiter(request_iterator)
+            while True:
+                nxt = asyncio.ensure_future(anext(requests, None))
+                await asyncio.wait((nxt, ended), return_when=asyncio.FIRST_COMPLETED)
+                if ended.done():
+                    nxt.cancel()
+                    raise ended.result()
+                request = nxt.result()
+                if request is None:
+                    client_gone = True  # the client closed its side
+                    break
                 rate.take(caller.name, "keepalive")
                 ttl = self.store.keepalive(request.lease, caller=caller)
                 if ttl:
@@ -290,7 +300,6 @@ class RegistryService(pb_grpc.RegistryServicer):
                 yield pb.KeepAliveResponse(
                     header=header(self.store.durable_revision), lease=request.lease, ttl_ms=ttl
                 )
-            client_gone = True  # the client closed its side
         except (asyncio.CancelledError, GeneratorExit):
             client_gone = True  # cancelled, or its connection went away
             raise
@@ -338,10 +347,7 @@ class RegistryService(pb_grpc.RegistryServicer):
                 watcher = self.hub.subscribe(flt, after=at, owner=caller.name)
             else:
                 watcher = self._subscribe_from(flt, create.start_revision, caller)
-            self.streams[watcher] = (
-                caller,
-                lambda w=watcher: w.fail(Unauthenticated(f"{caller.name}: certificate denied")),
-            )
+            self.streams[watcher] = (caller, watcher.fail)
             progress = asyncio.Event()
             if not create.snapshot and not create.start_revision:
                 # Tell the client where it starts, so it can resume from there.
@@ -469,15 +475,17 @@ class RegistryService(pb_grpc.RegistryServicer):
     # ---- shutdown -----------------------------------------------------------
 
     def cut_off(self, denied: Callable[[Caller], bool]) -> int:
-        """End every open stream of a caller ``denied`` now says is refused."""
+        """End every open stream of a caller ``denied`` now says is refused.
+        Its leases are left to their TTL: a refusal is not the client leaving."""
         n = 0
-        for caller, cut in list(self.streams.values()):
+        for caller, end in list(self.streams.values()):
             if denied(caller):
-                cut()
+                end(Unauthenticated(f"{caller.name}: certificate denied"))
                 n += 1
         return n
 
     def shutdown(self) -> None:
         """End every stream with UNAVAILABLE, leaving leases alone."""
         self.stopping = True
-        self.hub.close_all(Unavailable("registryd: shutting down"))
+        for _, end in list(self.streams.values()):
+            end(Unavailable("registryd: shutting down"))

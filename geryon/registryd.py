@@ -28,7 +28,7 @@ from grpc_reflection.v1alpha import reflection
 from geryon import leases
 from geryon.convert import pb, pb_grpc
 from geryon.errors import GeryonError, Unauthenticated
-from geryon.model import Caller
+from geryon.model import Caller, validate_attrs, validate_name
 from geryon.quota import Quota
 from geryon.registry_service import RegistryService, local_admin_on_unix, plaintext_caller
 from geryon.store import Limits, Store, wait
@@ -94,10 +94,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--write-rate",
         type=float,
-        default=20_000,
+        default=1000,
         metavar="PER_S",
         help="writes per second per identity before RESOURCE_EXHAUSTED "
-        "(bursts of twice that; 0: unlimited; default 20000)",
+        "(bursts of twice that; 0: unlimited; default 1000)",
     )
     p.add_argument(
         "--keepalive-rate",
@@ -145,12 +145,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ndb", type=Path, metavar="FILE", help="also run geryon-reconciler on FILE")
     p.add_argument("--failback", default="auto", choices=["auto", "never"], help="its --failback")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    for flag, value, least in [
+        ("--history", args.history, 1),
+        ("--history-age", args.history_age, 1),
+        ("--watch-backlog", args.watch_backlog, 1),
+        ("--max-watches", args.max_watches, 1),
+        ("--progress-interval", args.progress_interval, 0.1),
+        ("--write-rate", args.write_rate, 0),
+        ("--keepalive-rate", args.keepalive_rate, 0),
+    ]:
+        if not least <= value < float("inf"):
+            p.error(f"{flag}: want at least {least}, got {value}")
+    if args.deny and not args.tls_dir:
+        p.error("--deny: needs --tls-dir (over plain text nobody has a certificate to deny)")
+    return args
 
 
 def split_hostport(text: str, flag: str) -> tuple[str, int]:
     host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not host:
+    if not sep or not port.isdigit() or not host or int(port) > 65535:
         raise SystemExit(f"geryon-registryd: {flag}: want HOST:PORT, got {text!r}")
     return host.strip("[]"), int(port)
 
@@ -165,27 +179,42 @@ def is_loopback(host: str) -> bool:
 
 
 async def load_static(store: Store, path: Path) -> int:
-    """registry(4)'s -f: entries with service=NAME become persistent services."""
+    """registry(4)'s -f: entries with service=NAME become persistent services.
+
+    The whole file is checked before anything is written, and static entries
+    an earlier start loaded but the file no longer names are removed.
+    """
     from geryon import ndb
 
-    db = ndb.Database.open(path)
     caller = Caller(STATIC_OWNER, "admin")
-    n = 0
+    wanted: dict[str, tuple[dict[str, str], str]] = {}
+    try:
+        db = ndb.Database.open(path)
+    except ndb.NdbError as exc:
+        raise GeryonError(f"-f {exc}") from None
     for entry in db.find("service"):
-        pairs = [(p.attr, p.value) for p in entry.pairs]
-        name = next(v for a, v in pairs if a == "service")
-        attrs = {a: v for a, v in pairs if a != "service"}
+        where = f"-f {entry.file}:{entry.lineno}"
+        name = entry.get("service") or ""
+        attrs = {p.attr: p.value for p in entry.pairs if p.attr != "service"}
+        try:
+            validate_name(name, "service")
+            validate_attrs(attrs)
+        except GeryonError as exc:
+            raise GeryonError(f"{where}: {exc}") from None
+        wanted[name] = (attrs, where)
+    durable = []
+    for name, (attrs, _) in wanted.items():
         existing = store.services.get(name)
         if existing is not None and existing.owner != STATIC_OWNER:
             log.warning("registryd: -f: %s is registered by %s; left alone", name, existing.owner)
             continue
-        try:
-            _, durable = store.register(name, attrs, lease=0, persist=True, caller=caller)
-        except GeryonError as exc:
-            raise GeryonError(f"-f {entry.file}:{entry.lineno}: {exc}") from None
-        await wait(durable)
-        n += 1
-    return n
+        durable.append(store.register(name, attrs, lease=0, persist=True, caller=caller)[1])
+    for s in list(store.services.values()):
+        if s.owner == STATIC_OWNER and s.name not in wanted:
+            durable.append(store.unregister(s.name, expected_mod_revision=0, caller=caller)[1])
+    for d in durable:
+        await wait(d)
+    return len(wanted)
 
 
 async def serve(args: argparse.Namespace) -> int:
@@ -241,6 +270,8 @@ async def serve(args: argparse.Namespace) -> int:
             ("grpc.keepalive_timeout_ms", 5_000),
             ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
             ("grpc.keepalive_permit_without_calls", 1),
+            # A second registry on a port in use must fail, not share it.
+            ("grpc.so_reuseport", 0),
         ],
     )
     pb_grpc.add_RegistryServicer_to_server(servicer, server)
@@ -255,15 +286,24 @@ async def serve(args: argparse.Namespace) -> int:
         server,
     )
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    if credentials is not None:
-        bound = server.add_secure_port(address, credentials)
-    else:
-        bound = server.add_insecure_port(address)
+    try:
+        if credentials is not None:
+            bound = server.add_secure_port(address, credentials)
+        else:
+            bound = server.add_insecure_port(address)
+    except RuntimeError:  # grpc says only "Failed to bind"
+        raise GeryonError(
+            f"--listen {args.listen}: cannot listen there (in use, or not this machine's)"
+        ) from None
     if args.ndb:
         # --ndb: the reconciler runs in here as a plain client of a private unix
         # socket in the 0700 data dir; callers on it are the local admin "reconciler".
         data_dir.chmod(0o700)
-        server.add_insecure_port(f"unix:{data_dir / 'reconciler.sock'}")
+        sock = data_dir / "reconciler.sock"
+        try:
+            server.add_insecure_port(f"unix:{sock}")
+        except RuntimeError:
+            raise GeryonError(f"--ndb: cannot listen on {sock} (a path over 107 bytes?)") from None
         servicer.authenticate = local_admin_on_unix(servicer.authenticate, "reconciler")
     await server.start()
     await health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)

@@ -19,6 +19,7 @@ store's own writer thread.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import heapq
 import itertools
 import json
@@ -30,7 +31,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from sortedcontainers import SortedList
 
@@ -120,8 +121,9 @@ class Store:
         self.limits = limits or Limits()
         self.services: dict[str, Service] = {}
         self.names: SortedList = SortedList()
-        # attr -> value -> names: Find costs what its answer costs.
+        # attr -> value -> names, and attr -> names having it (for "*").
         self.index: dict[str, dict[str, set[str]]] = {}
+        self.having: dict[str, set[str]] = {}
         self.leases: dict[LeaseID, Lease] = {}
         self.revision: Revision = 0  # applied (may not be durable yet)
         self.durable_revision: Revision = 0
@@ -140,6 +142,7 @@ class Store:
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="geryon-store")
         self._committer: asyncio.Task[None] | None = None
         self._failed: BaseException | None = None
+        self._lock: IO[str] | None = None
 
     # ---- opening and closing ------------------------------------------------
 
@@ -152,6 +155,19 @@ class Store:
 
     def _load(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        # Two registries on one store would hand out the same revisions.
+        self._lock = open(self.path.parent / "LOCK", "a")
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock.close()
+            raise FailedPrecondition(f"{self.path.parent} is in use by another registry") from None
+        try:
+            self._load_db()
+        except sqlite3.DatabaseError as exc:  # not ours, or damaged: say so, touch nothing
+            raise FailedPrecondition(f"{self.path}: {exc}") from None
+
+    def _load_db(self) -> None:
         db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         db.execute("PRAGMA journal_mode=WAL")
         # FULL: the WAL is fsynced at every commit, so an acknowledged write
@@ -212,6 +228,8 @@ class Store:
             db, self._db = self._db, None
             await asyncio.get_running_loop().run_in_executor(self._writer, db.close)
         self._writer.shutdown(wait=True)
+        if self._lock is not None:
+            self._lock.close()
 
     # ---- durability ---------------------------------------------------------
 
@@ -229,6 +247,18 @@ class Store:
             batch.revisions.append((revision, events, time.time()))
             batch.revision = revision
         return batch.future
+
+    def _barrier(self) -> asyncio.Future[None]:
+        """Done once every write applied so far is durable: what a no-op
+        answer waits for, without a transaction (and fsync) of its own."""
+        if self._failed is not None:
+            raise self._failed
+        pending = self._batch or self._inflight
+        if pending is not None:
+            return pending.future
+        done = asyncio.get_running_loop().create_future()
+        done.set_result(None)
+        return done
 
     async def sync(self) -> Revision:
         """Wait until everything applied so far is durable; return that revision."""
@@ -318,6 +348,7 @@ class Store:
         self.services[s.name] = s
         for attr, value in s.attrs.items():
             self.index.setdefault(attr, {}).setdefault(value, set()).add(s.name)
+            self.having.setdefault(attr, set()).add(s.name)
 
     def _index_remove(self, s: Service) -> None:
         del self.services[s.name]
@@ -330,10 +361,15 @@ class Store:
                 del values[value]
                 if not values:
                     del self.index[attr]
+            having = self.having[attr]
+            having.discard(s.name)
+            if not having:
+                del self.having[attr]
 
     # ---- reads --------------------------------------------------------------
 
     def get(self, name: str) -> Service:
+        validate_name(name)
         try:
             return self.services[name]
         except KeyError:
@@ -341,23 +377,17 @@ class Store:
 
     def find(self, flt: Filter) -> list[Service]:
         """Every service matching ``flt``, sorted by name."""
-        candidates: Iterable[str] | None = None
-        smallest = -1
+        # Walk the smallest candidate set any term offers, so a Find costs
+        # about what its answer costs, not a scan of every entry.
+        candidates: set[str] | None = None
         for attr, want in flt.attrs.items():
-            values = self.index.get(attr)
-            if not values:
+            names = (
+                self.having.get(attr) if want == WILDCARD else self.index.get(attr, {}).get(want)
+            )
+            if not names:
                 return []
-            if want == WILDCARD:
-                # Any value: the union is only worth building when it is small.
-                size = sum(len(n) for n in values.values())
-                names: Iterable[str] | None = None
-            else:
-                names = values.get(want)
-                if not names:
-                    return []
-                size = len(names)
-            if names is not None and (smallest < 0 or size < smallest):
-                candidates, smallest = names, size
+            if candidates is None or len(names) < len(candidates):
+                candidates = names
         if candidates is None:
             if flt.prefix:
                 # Names with the prefix sort first from it on; no string bounds
@@ -473,7 +503,7 @@ class Store:
         if prev is not None and prev.owner != caller.name:
             raise AlreadyExists(f"{name} is registered by {prev.owner}")
         if prev is not None and prev.attrs == attrs and prev.lease == lease:
-            return prev, self._enqueue([])  # idempotent: no new revision
+            return prev, self._barrier()  # idempotent: no new revision
         revision = self._next_revision()
         new = Service(
             name,
@@ -507,7 +537,7 @@ class Store:
         attrs.update(set_attrs)
         validate_attrs(attrs)
         if attrs == prev.attrs:
-            return prev, self._enqueue([])
+            return prev, self._barrier()
         revision = self._next_revision()
         new = Service(name, attrs, prev.lease, prev.owner, prev.create_revision, revision)
         event, op = self._put(new, prev)

@@ -40,6 +40,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from geryon import errors
+from geryon.model import ROLES
 
 __all__ = [
     "CA_CERT",
@@ -69,7 +70,6 @@ CA_KEY = "ca.key"
 CERT = "cert.pem"
 KEY = "key.pem"
 TLS_DIR_ENV = "GERYON_TLS_DIR"
-ROLES = ("server", "admin", "node", "reader")
 URI_SCHEME = "geryon://"
 
 _NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")

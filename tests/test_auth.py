@@ -189,3 +189,16 @@ async def test_flooding_client_is_exhausted_others_carry_on(start_registry) -> N
             await calm.register(f"tcp!calm!{i}", {"svc": "y"}, persist=True)
         assert len((await calm.find({"svc": "y"}))[0]) == 20
         assert len((await calm.find({"svc": "x"}))[0]) == 400 - len(refused)
+
+
+async def test_denied_node_hears_its_lease_is_refused(start_registry, pki, tmp_path: Path) -> None:
+    deny = tmp_path / "deny"
+    deny.write_text("")
+    registry = start_registry(extra=["--tls-dir", str(pki["registry"]), "--deny", str(deny)])
+    async with as_(registry, pki["host1"]) as b:
+        lease = b.lease(30_000)
+        await lease.start()
+        deny.write_text("host1\n")
+        registry.signal(signal.SIGHUP)
+        await eventually(lambda: lease.lost.is_set(), timeout=10)
+        await lease.close(revoke=False)

@@ -486,6 +486,9 @@ async def test_metrics_endpoint(start_registry) -> None:
         await c.register("tcp!m!1", {"svc": "x"}, persist=True)
         with pytest.raises(errors.NotFound):
             await c.get("nope")
+        watch = c.watch(start_revision=1)
+        await anext(aiter(watch))
+        await watch.close()
 
     def scrape() -> str:
         return (
@@ -503,3 +506,44 @@ async def test_metrics_endpoint(start_registry) -> None:
     assert 'geryon_rpcs_total{code="OK",method="Register"} 1.0' in body
     assert 'geryon_rpcs_total{code="NOT_FOUND",method="Get"} 1.0' in body
     assert "geryon_commit_seconds_count" in body
+    body = await eventually(lambda: "CANCELLED" in (b := scrape()) and b)
+    assert 'geryon_rpcs_total{code="CANCELLED",method="Watch"} 1.0' in body
+
+
+async def test_one_registry_per_port_and_data_dir(registry: Registry, tmp_path) -> None:
+    argv = [registry.argv[0], "--listen"]
+    same_dir = subprocess.run(
+        [*argv, "127.0.0.1:0", "--data-dir", str(registry.data_dir)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert same_dir.returncode == 1
+    assert (
+        same_dir.stderr == f"geryon-registryd: {registry.data_dir} is in use by another registry\n"
+    )
+    same_port = subprocess.run(
+        [*argv, registry.address, "--data-dir", str(tmp_path / "other")],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert same_port.returncode == 1 and "cannot listen" in same_port.stderr
+    assert same_port.stderr.count("\n") == 1
+
+
+async def test_static_file_is_checked_whole_and_followed(start_registry, tmp_path) -> None:
+    static = tmp_path / "static"
+    static.write_text("service=tcp!a!1 svc=x\nservice=tcp!b!1 svc=y\n")
+    registry = start_registry(extra=["-f", str(static)])
+    registry.stop()
+    # A bad line refuses the whole file: nothing of it is written.
+    static.write_text("service=tcp!c!1 svc=z\nservice=new\n")
+    r = subprocess.run(registry.argv, capture_output=True, text=True, timeout=30)
+    assert r.returncode == 1 and ":2: service:" in r.stderr
+    # An entry the file no longer names goes.
+    static.write_text("service=tcp!a!1 svc=x2\n")
+    registry.start()
+    async with registry.client() as c:
+        found, _ = await c.find()
+    assert {s.name: s.attrs for s in found} == {"tcp!a!1": {"svc": "x2"}}

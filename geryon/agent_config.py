@@ -41,6 +41,7 @@ the service to ask about), "none" (a listener's default).
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import socket
@@ -86,6 +87,8 @@ SIZE_UNITS = {
     "tb": 10**12,
 }
 DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+# The longest duration anything takes: a day, the registry's longest lease.
+MAX_DURATION_S = 86400.0
 
 
 # ---- values ----------------------------------------------------------------
@@ -113,11 +116,15 @@ def parse_size(value: object) -> int:
 
 
 def parse_duration(value: object) -> float:
-    """Seconds from ``"250ms"``, ``"1.5s"``, ``"2m"``, ``"1h"`` or a number of seconds."""
+    """Seconds from ``"250ms"``, ``"1.5s"``, ``"2m"``, ``"1h"`` or a number of
+    seconds: positive, finite and at most MAX_DURATION_S."""
     if isinstance(value, bool):
         raise ValueError(f"bad duration {value!r}")
     if isinstance(value, int | float):
-        seconds = float(value)
+        try:
+            seconds = float(value)
+        except OverflowError:  # an integer too big for a float: too long anyway
+            seconds = math.inf
     elif isinstance(value, str):
         m = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|h)?\s*", value)
         if not m:
@@ -125,8 +132,12 @@ def parse_duration(value: object) -> float:
         seconds = float(m.group(1)) * DURATION_UNITS[m.group(2) or "s"]
     else:
         raise ValueError(f"bad duration {value!r}")
+    if math.isnan(seconds):
+        raise ValueError(f"bad duration {value!r}: not a number")
     if seconds <= 0:
         raise ValueError(f"bad duration {value!r}: must be positive")
+    if seconds > MAX_DURATION_S:
+        raise ValueError(f"bad duration {value!r}: at most {MAX_DURATION_S:g}s (a day)")
     return seconds
 
 
@@ -202,6 +213,11 @@ class ChunkSpec:
     def key(self) -> str:
         return f"chunk {self.id}"
 
+    @property
+    def announced_attrs(self) -> dict[str, str]:
+        """The configured attributes and what the agent adds from the spec."""
+        return {**self.attrs, "id": self.id, "size": str(self.size), "path": str(self.path)}
+
 
 @dataclass(frozen=True, slots=True)
 class ListenerSpec:
@@ -212,7 +228,9 @@ class ListenerSpec:
     env: Mapping[str, str] = field(default_factory=dict)
     max_conns: int = 64
     health: HealthSpec = HealthSpec(type="none")
-    index: int = 0  # tells apart listeners configured identically
+    # Which listener on this addr, in file order: tcp!*!0 may be listened on
+    # many times, and each must keep a key of its own for a reload's diff.
+    index: int = 0
 
     @property
     def key(self) -> str:
@@ -426,6 +444,10 @@ def parse(data: Mapping[str, Any], path: Path) -> AgentConfig:
     lease_ttl = top.get("lease_ttl", (str, int, float), 10.0, parse=parse_duration)
     if lease_ttl is not None and lease_ttl < 0.5:
         top.problem("lease_ttl", "at least 500ms")
+    reconnect_max_delay = top.get(
+        "reconnect_max_delay", (str, int, float), 10.0, parse=parse_duration
+    )
+    stop_grace = top.get("stop_grace", (str, int, float), 5.0, parse=parse_duration)
     restart = _restart(top, RestartSpec())
     ready_timeout = top.get("ready_timeout", (str, int, float), 30.0, parse=parse_duration)
 
@@ -486,7 +508,7 @@ def parse(data: Mapping[str, Any], path: Path) -> AgentConfig:
             )
 
     listeners: list[ListenerSpec] = []
-    seen: dict[tuple, int] = {}
+    per_addr: dict[ListenAddr, int] = {}
     for i, raw in enumerate(top.get("listener", list, []) or []):
         where = f"listener[{i}]"
         if not isinstance(raw, dict):
@@ -507,8 +529,7 @@ def parse(data: Mapping[str, Any], path: Path) -> AgentConfig:
                 t.problem("addr", f"port {addr.port} is also {ports[addr.port]}")
             ports.setdefault(addr.port, f"{where}.addr")
         if addr is not None and command:
-            ident = (addr, command, tuple(sorted(attrs.items())), tuple(sorted(env.items())))
-            n = seen[ident] = seen.get(ident, -1) + 1
+            n = per_addr[addr] = per_addr.get(addr, -1) + 1
             listeners.append(
                 ListenerSpec(
                     addr, command, attrs=attrs, env=env, max_conns=max_conns, health=health, index=n
@@ -525,10 +546,8 @@ def parse(data: Mapping[str, Any], path: Path) -> AgentConfig:
         advertise=advertise,
         tls_dir=Path(tls_dir) if tls_dir else None,
         lease_ttl=lease_ttl,
-        reconnect_max_delay=top.get(
-            "reconnect_max_delay", (str, int, float), 10.0, parse=parse_duration
-        ),
-        stop_grace=top.get("stop_grace", (str, int, float), 5.0, parse=parse_duration),
+        reconnect_max_delay=reconnect_max_delay,
+        stop_grace=stop_grace,
         chunks=tuple(chunks),
         listeners=tuple(listeners),
     )
@@ -597,4 +616,6 @@ def load(path: Path | str) -> AgentConfig:
         raise ConfigError([f"{path}: {exc.strerror}"]) from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([f"{path}: bad TOML: {exc}"]) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError([f"{path}: not UTF-8 text (byte {exc.start})"]) from None
     return parse(data, path)

@@ -13,7 +13,15 @@ entries and makes the registry match them under one lease, level-triggered:
 - lease lost (expired, revoked, a registry that forgot it): a new lease is
   granted and every entry registered again (Register is an upsert);
 - a change made while the registry was away (a service exited, restarted on
-  another port, changed health) is applied when it is back.
+  another port, changed health) is applied when it is back;
+- registry refusing us for good (a terminal error other than
+  RESOURCE_EXHAUSTED: a reader's identity, a name someone else holds): no
+  outage, and never logged as one. With ``fail_fast`` (geryon register,
+  reglisten: one entry, one command) the announcer stops and sets
+  ``refused``. Otherwise (the agent) the services keep running; a refused
+  entry waits for its attributes to change, and a refused lease is asked
+  for again at the longest backoff, for an operator may fix the registry's
+  side meanwhile.
 
 Each transition is logged once, not once per retry.
 
@@ -53,7 +61,8 @@ log = logging.getLogger("geryon.announce")
 CALL_TIMEOUT = 2.0
 # Concurrent Register/Update calls while (re-)announcing many entries.
 SYNC_CONCURRENCY = 16
-# How often the lease's keepalive state is looked at, for the transition log.
+# How often an up lease's keepalive state is looked at, for the transition
+# log: client.Lease has an event for its stream coming up, none for it breaking.
 POLL_S = 0.2
 OVERLOADED = b"server overloaded\n"
 PLACEHOLDER = re.compile(r"\{(path|port|addr|id|host)\}")
@@ -81,12 +90,30 @@ class _LeaseGone(Exception):
     """The registry no longer knows our lease: grant a new one at once."""
 
 
+def _refusal(exc: errors.GeryonError) -> bool:
+    """The registry said no and will say it again: retrying soon cannot help.
+    Over a quota is a reason to slow down, not a refusal."""
+    return isinstance(exc, errors.Terminal) and not isinstance(exc, errors.ResourceExhausted)
+
+
+async def _first(*events: asyncio.Event, limit: float | None = None) -> None:
+    """Until one of ``events`` is set, or ``limit`` seconds pass."""
+    waits = [asyncio.ensure_future(e.wait()) for e in events]
+    try:
+        await asyncio.wait(waits, timeout=limit, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waits:
+            w.cancel()
+
+
 class Announcer:
     """Keeps ``desired`` (name -> attrs) registered under one lease.
 
     ``put``, ``set_attrs`` and ``remove`` only change the desired state and
     wake the loop; they never block and never fail, whatever the registry
-    is doing. ``synced`` is set whenever the registry matches.
+    is doing. ``synced`` is set whenever the registry matches. With
+    ``fail_fast``, a refusal (see ``_refusal``) is logged, stops the
+    announcer and sets ``refused``.
     """
 
     def __init__(
@@ -97,9 +124,11 @@ class Announcer:
         ttl: float = 10.0,
         reconnect_initial: float = 0.1,
         reconnect_max: float = 10.0,
+        fail_fast: bool = False,
     ) -> None:
         self.client = client
         self.who = who
+        self.fail_fast = fail_fast
         self.ttl_ms = max(500, int(ttl * 1000))
         self.backoff = Backoff(reconnect_initial, reconnect_max)
         self.desired: dict[str, dict[str, str]] = {}
@@ -110,8 +139,10 @@ class Announcer:
         self.rejected: dict[str, dict[str, str]] = {}
         self.lease: Lease | None = None
         self.synced = asyncio.Event()
-        self.state = "new"  # new | up | down
+        self.refused = asyncio.Event()
+        self.state = "new"  # new | up | down | refused
         self._down_lease = 0  # the lease we held when the registry went away
+        self._refused_why = ""  # the refusal last logged
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -171,8 +202,16 @@ class Announcer:
             except _LeaseGone:
                 continue
             except errors.GeryonError as exc:
-                self._went_down(str(exc))
-                await asyncio.sleep(self.backoff.next())
+                if not _refusal(exc):
+                    self._went_down(str(exc))
+                    await asyncio.sleep(self.backoff.next())
+                    continue
+                if self.fail_fast:
+                    log.error("%s: registry %s refused: %s", self.who, self.client.target, exc)
+                    self.refused.set()
+                    return
+                self._was_refused(str(exc))
+                await asyncio.sleep(self.backoff.maximum)
                 continue
             except Exception as exc:  # a bug, or grpc surprising us: never stop announcing
                 log.exception("%s: announcing failed", self.who)
@@ -261,6 +300,8 @@ class Announcer:
                 errors.PermissionDenied,
                 errors.FailedPrecondition,
             ) as exc:
+                if self.fail_fast:
+                    raise  # our only entries: run() ends us
                 log.error("%s: cannot register %s: %s", self.who, name, exc)
                 if want is not None:
                     self.rejected[name] = want
@@ -273,20 +314,15 @@ class Announcer:
         assert self.lease is not None
         lease = self.lease
         self._wake.clear()
-        wake = asyncio.ensure_future(self._wake.wait())
-        lost = asyncio.ensure_future(lease.lost.wait())
-        try:
-            while not (wake.done() or lost.done()):
-                if lease.connected.is_set():
-                    self._came_up()
-                elif self.state == "up":
+        while not (self._wake.is_set() or lease.lost.is_set()):
+            if lease.connected.is_set():
+                self._came_up()
+                # No event says the stream broke (see POLL_S): look again soon.
+                await _first(self._wake, lease.lost, limit=POLL_S)
+            else:
+                if self.state == "up":
                     self._went_down("keepalive stream broken")
-                await asyncio.wait(
-                    [wake, lost], timeout=POLL_S, return_when=asyncio.FIRST_COMPLETED
-                )
-        finally:
-            wake.cancel()
-            lost.cancel()
+                await _first(self._wake, lease.lost, lease.connected)
 
     def _went_down(self, why: str) -> None:
         if self.state == "down":
@@ -300,11 +336,24 @@ class Announcer:
         self._down_lease = self.lease.id if self.lease is not None else 0
         self.state = "down"
 
+    def _was_refused(self, why: str) -> None:
+        if self.state == "refused" and why == self._refused_why:
+            return
+        log.error(
+            "%s: registry %s refused: %s; services keep running, retrying every %gs",
+            self.who,
+            self.client.target,
+            why,
+            self.backoff.maximum,
+        )
+        self._refused_why = why
+        self.state = "refused"
+
     def _came_up(self) -> None:
         if self.state == "up" or self.lease is None:
             return
         n = len(self.actual)
-        if self.state == "new":
+        if self.state in ("new", "refused"):
             log.info("%s: registry %s: lease %d", self.who, self.client.target, self.lease.id)
         elif self.lease.id == self._down_lease:
             log.info(
@@ -380,32 +429,51 @@ def substitute(argv: Sequence[str], values: Mapping[str, str]) -> list[str]:
     return [PLACEHOLDER.sub(lambda m: values.get(m.group(1), m.group(0)), a) for a in argv]
 
 
-async def port_open(host: str, port: int, limit: float = 1.0) -> bool:
-    try:
-        _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), limit)
-    except (OSError, TimeoutError):
-        return False
-    writer.close()
-    with contextlib.suppress(OSError):
-        await writer.wait_closed()
-    return True
-
-
 async def wait_ready(proc: asyncio.subprocess.Process, host: str, port: int, limit: float) -> bool:
     """Until the port accepts connections: False if the process exits first
     or ``limit`` seconds pass."""
     deadline = time.monotonic() + limit
     delay = 0.01
     while proc.returncode is None and time.monotonic() < deadline:
-        if await port_open(host, port):
+        if (await procs.check_tcp(host, port, 1.0))[0]:
             return True
         await asyncio.sleep(delay)
         delay = min(delay * 2, 0.1)
     return False
 
 
+class _Announced:
+    """What ChildService and Listener share: one entry, announced as ``name``
+    while serving, its attributes and health kept up to date."""
+
+    node: Node
+    attrs: Mapping[str, str]
+    name: str  # "" while not announced
+    health: str
+    started: float
+
+    def _pid(self) -> int:
+        """The process the entry names."""
+        raise NotImplementedError
+
+    def entry(self) -> dict[str, str]:
+        attrs = self.node.attrs(self.attrs, pid=self._pid(), started=self.started)
+        return {**attrs, "health": self.health}
+
+    def set_health(self, health: str) -> None:
+        self.health = health
+        if self.name:
+            self.node.announcer.set_attrs(self.name, {"health": health})
+
+    def set_attrs(self, attrs: Mapping[str, str]) -> None:
+        """New configured attributes for the entry, applied at once."""
+        self.attrs = dict(attrs)
+        if self.name:
+            self.node.announcer.put(self.name, self.entry())
+
+
 @dataclass
-class ChildService:
+class ChildService(_Announced):
     """One run of a command that serves a TCP port.
 
     ``run`` picks the port (unless given), starts the command with {port}
@@ -428,21 +496,9 @@ class ChildService:
     started: float = 0.0
     health: str = "passing"
 
-    def entry(self) -> dict[str, str]:
+    def _pid(self) -> int:
         assert self.proc is not None
-        attrs = self.node.attrs(self.attrs, pid=self.proc.pid, started=self.started)
-        return {**attrs, "health": self.health}
-
-    def set_health(self, health: str) -> None:
-        self.health = health
-        if self.name:
-            self.node.announcer.set_attrs(self.name, {"health": health})
-
-    def set_attrs(self, attrs: Mapping[str, str]) -> None:
-        """New configured attributes for the entry, applied at once."""
-        self.attrs = dict(attrs)
-        if self.name:
-            self.node.announcer.put(self.name, self.entry())
+        return self.proc.pid
 
     async def run(self, on_ready: Callable[[], Awaitable[None]] | None = None) -> int | None:
         node = self.node
@@ -484,7 +540,7 @@ class ChildService:
         return proc.returncode
 
 
-class Listener:
+class Listener(_Announced):
     """Listen on an Inferno address ourselves; run a command per connection.
 
     Each connection gets its own process (its own process group), with the
@@ -517,10 +573,14 @@ class Listener:
 
     def bind(self) -> str:
         """Listen; return the name we will be announced as."""
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        # The host's own address family: tcp!::1!0 listens on IPv6.
+        family, _, _, _, where = socket.getaddrinfo(
+            self.addr.bind_host, self.addr.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind((self.addr.bind_host, self.addr.port))
+            sock.bind(where)
             sock.listen(128)
             sock.setblocking(False)
         except OSError:
@@ -533,14 +593,8 @@ class Listener:
         self.started = time.time()
         return self.name
 
-    def entry(self) -> dict[str, str]:
-        attrs = self.node.attrs(self.attrs, pid=os.getpid(), started=self.started)
-        return {**attrs, "health": self.health}
-
-    def set_health(self, health: str) -> None:
-        self.health = health
-        if self.name:
-            self.node.announcer.set_attrs(self.name, {"health": health})
+    def _pid(self) -> int:
+        return os.getpid()  # the process listening: ours
 
     async def serve(self) -> None:
         """Announce, then accept until cancelled; then unannounce, stop
@@ -649,7 +703,10 @@ async def _node(opts: AnnounceOptions, who: str):  # type: ignore[no-untyped-def
         retry_for=CALL_TIMEOUT,
         own_connection=True,
     )
-    announcer = Announcer(client, who=who, ttl=opts.lease_ttl, reconnect_max=opts.reconnect_max)
+    # One command's entry: a refusal ends the command, as any other error would.
+    announcer = Announcer(
+        client, who=who, ttl=opts.lease_ttl, reconnect_max=opts.reconnect_max, fail_fast=True
+    )
     keeper = procs.Keeper()
     keeper.ensure()
     host = opts.host or default_host()
@@ -676,13 +733,14 @@ def _on_stop_signals(stop: asyncio.Event) -> None:
         loop.add_signal_handler(sig, stop.set)
 
 
-async def _until(task: asyncio.Task[object], stop: asyncio.Event) -> None:
-    """Wait for ``task`` to end or ``stop``; on stop, cancel the task."""
-    stopper = asyncio.ensure_future(stop.wait())
+async def _until(task: asyncio.Task[object], *stops: asyncio.Event) -> None:
+    """Wait for ``task`` to end or one of ``stops``; then cancel the task."""
+    stoppers = [asyncio.ensure_future(s.wait()) for s in stops]
     try:
-        await asyncio.wait([task, stopper], return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait([task, *stoppers], return_when=asyncio.FIRST_COMPLETED)
     finally:
-        stopper.cancel()
+        for s in stoppers:
+            s.cancel()
     if not task.done():
         task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
@@ -691,14 +749,14 @@ async def _until(task: asyncio.Task[object], stop: asyncio.Event) -> None:
 
 async def run_register(opts: AnnounceOptions, argv: Sequence[str]) -> int:
     """`geryon register`: serve, announce, return COMMAND's exit status
-    (128+N if a signal N ended it)."""
+    (128+N if a signal N ended it), or 1 if the registry refused us."""
     stop = asyncio.Event()
     _on_stop_signals(stop)
     async with _node(opts, "register") as node:
         child = ChildService(node, argv, attrs=opts.attrs, ready_timeout=opts.ready_timeout)
         task = asyncio.create_task(child.run(), name="register child")
-        await _until(task, stop)
-        if child.proc is None:
+        await _until(task, stop, node.announcer.refused)
+        if child.proc is None or node.announcer.refused.is_set():
             return 1
         status = procs.exit_status(child.proc.returncode)
         if not stop.is_set():
@@ -709,7 +767,8 @@ async def run_register(opts: AnnounceOptions, argv: Sequence[str]) -> int:
 async def run_reglisten(
     opts: AnnounceOptions, addr: ListenAddr, argv: Sequence[str], *, max_conns: int
 ) -> int:
-    """`geryon reglisten`: listen, announce, serve until SIGTERM/SIGINT."""
+    """`geryon reglisten`: listen, announce, serve until SIGTERM/SIGINT;
+    1 if the registry refused us."""
     stop = asyncio.Event()
     _on_stop_signals(stop)
     async with _node(opts, "reglisten") as node:
@@ -721,5 +780,5 @@ async def run_reglisten(
             return 1
         log.info("reglisten: listening on %s as %s", addr, name)
         task = asyncio.create_task(listener.serve(), name="reglisten")
-        await _until(task, stop)
-    return 0
+        await _until(task, stop, node.announcer.refused)
+        return 1 if node.announcer.refused.is_set() else 0

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from geryon import announce
-from geryon.agent_config import parse_listen_addr
+from geryon.agent_config import parse_duration, parse_listen_addr
 from geryon.errors import InvalidArgument
 from geryon.model import validate_attr_name
 
@@ -48,13 +48,21 @@ def _listen_addr(text: str) -> Any:
 
 
 def _seconds(text: str) -> float:
+    """Seconds (``2.5``), or with a unit as in node.toml (``250ms``, ``2m``); at most a day."""
     try:
-        v = float(text)
+        return parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _conns(text: str) -> int:
+    try:
+        n = int(text)
     except ValueError:
-        v = 0.0
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"want a positive number of seconds, got {text!r}")
-    return v
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"want at least 1 connection, got {text!r}")
+    return n
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -90,7 +98,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--reconnect-max",
         type=_seconds,
-        default=float(os.environ.get("GERYON_RECONNECT_MAX") or 10.0),
+        default=None,  # $GERYON_RECONNECT_MAX, read only when register or reglisten runs
         metavar="SECONDS",
         help="longest wait between attempts to reach the registry "
         "(default $GERYON_RECONNECT_MAX or 10)",
@@ -104,8 +112,16 @@ def _common(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _options(args: argparse.Namespace) -> announce.AnnounceOptions:
+def _options(args: argparse.Namespace) -> announce.AnnounceOptions | None:
+    """The options, or None once a bad environment variable was reported."""
     logging.basicConfig(format="%(message)s", level=logging.INFO, stream=sys.stderr)
+    reconnect_max = args.reconnect_max
+    if reconnect_max is None:
+        try:
+            reconnect_max = parse_duration(os.environ.get("GERYON_RECONNECT_MAX") or "10")
+        except ValueError as exc:
+            print(f"geryon: GERYON_RECONNECT_MAX: {exc}", file=sys.stderr)
+            return None
     return announce.AnnounceOptions(
         registry=args.registry,
         tls_dir=Path(args.tls_dir) if args.tls_dir else None,
@@ -114,20 +130,22 @@ def _options(args: argparse.Namespace) -> announce.AnnounceOptions:
         advertise=args.advertise,
         attrs=args.attrs or {},
         lease_ttl=args.lease_ttl,
-        reconnect_max=args.reconnect_max,
+        reconnect_max=reconnect_max,
         ready_timeout=getattr(args, "ready_timeout", 30.0),
         stop_grace=args.stop_grace,
     )
 
 
 async def cmd_register(args: argparse.Namespace) -> int:
-    return await announce.run_register(_options(args), args.command)
+    opts = _options(args)
+    return 2 if opts is None else await announce.run_register(opts, args.command)
 
 
 async def cmd_reglisten(args: argparse.Namespace) -> int:
-    return await announce.run_reglisten(
-        _options(args), args.addr, args.command, max_conns=args.max_conns
-    )
+    opts = _options(args)
+    if opts is None:
+        return 2
+    return await announce.run_reglisten(opts, args.addr, args.command, max_conns=args.max_conns)
 
 
 def add_announce_commands(sub: Any) -> None:
@@ -163,7 +181,7 @@ def add_announce_commands(sub: Any) -> None:
     rl.add_argument(
         "-u",
         "--max-conns",
-        type=int,
+        type=_conns,
         default=64,
         metavar="N",
         help="connections served at once; past it: 'server overloaded' (default 64)",

@@ -7,15 +7,15 @@ back. The result is the ``health`` attribute of the service's entry
 A service starts passing: it is announced only once its port accepts
 connections.
 
-Checks: ``tcp`` (connect to the port), ``command`` (exits 0 within the
-timeout; run like a service, in its own process group and tied to our life),
-``grpc`` (grpc.health.v1.Health/Check answers SERVING).
+Checks: ``tcp`` (connect to the port: procs.check_tcp, the probe readiness
+uses too), ``command`` (exits 0 within the timeout; run like a service, in its
+own process group and tied to our life), ``grpc`` (grpc.health.v1.Health/Check
+answers SERVING).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -27,19 +27,6 @@ log = logging.getLogger("geryon.health")
 
 PASSING = "passing"
 CRITICAL = "critical"
-
-
-async def check_tcp(host: str, port: int, limit: float) -> tuple[bool, str]:
-    try:
-        _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), limit)
-    except TimeoutError:
-        return False, f"connect to {host}:{port} timed out"
-    except OSError as exc:
-        return False, f"connect to {host}:{port}: {exc.strerror or exc}"
-    writer.close()
-    with contextlib.suppress(OSError):
-        await writer.wait_closed()
-    return True, "connected"
 
 
 async def check_command(
@@ -102,7 +89,7 @@ class Checker:
     async def once(self) -> tuple[bool, str]:
         spec = self.spec
         if spec.type == "tcp":
-            return await check_tcp(self.host, self.port, spec.timeout)
+            return await procs.check_tcp(self.host, self.port, spec.timeout)
         if spec.type == "command":
             return await check_command(self.command, spec.timeout, keeper=self.keeper, env=self.env)
         if spec.type == "grpc":

@@ -41,7 +41,7 @@ import sys
 import time
 from pathlib import Path
 
-from geryon import agent_config, procs
+from geryon import agent_config, errors, procs, tls
 from geryon.agent_config import AgentConfig, ChunkSpec, ConfigError, ListenerSpec
 from geryon.announce import (
     CALL_TIMEOUT,
@@ -61,6 +61,14 @@ log = logging.getLogger("geryon.agent")
 STABLE_S = 10.0
 # Settings a reload cannot change under running services.
 FIXED_AT_START = ("registry", "tls_dir", "lease_ttl", "host", "advertise", "reconnect_max_delay")
+
+
+def with_tls_dir(config: AgentConfig, flag: str | None) -> AgentConfig:
+    """The identity to reach the registry with: ``--tls-dir``, else the
+    file's tls_dir, else $GERYON_TLS_DIR. Applied to every config read, at
+    start and at each reload, so a reload compares like with like."""
+    tls_dir = flag or config.tls_dir or os.environ.get("GERYON_TLS_DIR") or None
+    return dataclasses.replace(config, tls_dir=Path(tls_dir) if tls_dir else None)
 
 
 def ensure_chunk_file(path: Path, size: int) -> bool:
@@ -122,10 +130,6 @@ class ChunkUnit(Unit):
         super().__init__(agent, spec)
         self.child: ChildService | None = None
 
-    def attrs(self) -> dict[str, str]:
-        s = self.spec
-        return {**s.attrs, "id": s.id, "size": str(s.size), "path": str(s.path)}
-
     def values(self) -> dict[str, str]:
         return {"path": str(self.spec.path), "id": self.spec.id}
 
@@ -134,7 +138,7 @@ class ChunkUnit(Unit):
         assert isinstance(spec, ChunkSpec)
         self.spec = spec
         if self.child is not None:
-            self.child.set_attrs(self.attrs())
+            self.child.set_attrs(spec.announced_attrs)
 
     async def run(self) -> None:
         backoff = Backoff(self.spec.restart.delay, self.spec.restart.max_delay)
@@ -157,7 +161,7 @@ class ChunkUnit(Unit):
                 self.child = ChildService(
                     self.node,
                     spec.command,
-                    attrs=self.attrs(),
+                    attrs=spec.announced_attrs,
                     port=spec.port,
                     env={
                         **spec.env,
@@ -381,9 +385,11 @@ async def run_agent(
     stop: asyncio.Event | None = None,
     handle_signals: bool = False,
     keeper: procs.Keeper | None = None,
+    tls_dir: str | None = None,
 ) -> int:
     """Run an agent until ``stop`` is set (or SIGTERM/SIGINT when
-    ``handle_signals``, which also makes SIGHUP reload ``config.path``)."""
+    ``handle_signals``, which also makes SIGHUP reload ``config.path``).
+    ``tls_dir`` (--tls-dir) overrides every config's, the reloaded ones too."""
     stop = stop or asyncio.Event()
     hup = asyncio.Event()
     if handle_signals:
@@ -404,7 +410,7 @@ async def run_agent(
             if hup.is_set() and not stop.is_set():
                 hup.clear()
                 try:
-                    new = agent_config.load(agent.config.path)
+                    new = with_tls_dir(agent_config.load(agent.config.path), tls_dir)
                 except ConfigError as exc:
                     for line in exc.problems:
                         log.error("%s: reload: %s", agent.who, line)
@@ -449,13 +455,7 @@ def describe(config: AgentConfig) -> str:
             f"chunk {c.id}: {c.path} ({state}), {c.size} bytes",
             f"  run: {' '.join(c.command)}",
             f"  port: {c.port or 'a free one at each start'}",
-            "  attrs: "
-            + " ".join(
-                f"{k}={v}"
-                for k, v in sorted(
-                    {**c.attrs, "id": c.id, "size": str(c.size), "path": str(c.path)}.items()
-                )
-            ),
+            "  attrs: " + " ".join(f"{k}={v}" for k, v in sorted(c.announced_attrs.items())),
             f"  health: {_health_text(c.health)}",
             f"  restart: {c.restart.policy}, backoff {_seconds(c.restart.delay)} to "
             f"{_seconds(c.restart.max_delay)}",
@@ -497,13 +497,28 @@ def main(argv: list[str] | None = None) -> None:
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         sys.exit(2)
-    tls_dir = args.tls_dir or config.tls_dir or os.environ.get("GERYON_TLS_DIR") or None
-    config = dataclasses.replace(config, tls_dir=Path(tls_dir) if tls_dir else None)
+    in_file = config.tls_dir is not None
+    config = with_tls_dir(config, args.tls_dir)
+    if config.tls_dir is not None:
+        # Read the identity now: a missing or broken file is a config error,
+        # reported before any service starts, not a traceback from the client.
+        try:
+            tls.channel_credentials(config.tls_dir)
+        except errors.GeryonError as exc:
+            where = (
+                "geryon-agent: --tls-dir"
+                if args.tls_dir
+                else f"{args.config}: tls_dir"
+                if in_file
+                else "geryon-agent: GERYON_TLS_DIR"
+            )
+            print(f"{where}: {str(exc).removeprefix('tls: ')}", file=sys.stderr)
+            sys.exit(2)
     if args.check:
         print(describe(config))
         sys.exit(0)
     try:
-        code = asyncio.run(run_agent(config, handle_signals=True))
+        code = asyncio.run(run_agent(config, handle_signals=True, tls_dir=args.tls_dir))
     except KeyboardInterrupt:
         code = 130
     sys.exit(code)

@@ -15,6 +15,10 @@ connection, a health check) goes through ``spawn``, which guarantees:
 PR_SET_PDEATHSIG fires when the *thread* that forked the child exits, so
 ``spawn`` must run on the event loop's thread, which lives as long as we do
 (asyncio forks there).
+
+``check_tcp`` asks whether a service's port accepts connections: the one
+probe both announcing (is it ready?) and health checks (is it still up?)
+use, kept here, below both.
 """
 
 from __future__ import annotations
@@ -170,3 +174,17 @@ def describe(returncode: int | None) -> str:
             name = f"signal {-returncode}"
         return f"killed by {name}"
     return f"exit status {returncode}"
+
+
+async def check_tcp(host: str, port: int, limit: float) -> tuple[bool, str]:
+    """Whether ``host``:``port`` accepts a connection within ``limit`` seconds, and why not."""
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), limit)
+    except TimeoutError:
+        return False, f"connect to {host}:{port} timed out"
+    except OSError as exc:
+        return False, f"connect to {host}:{port}: {exc.strerror or exc}"
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
+    return True, "connected"

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 from conftest import BIN, Daemon, Registry, eventually, free_port
-from test_register import alive, dial, talk
+from test_register import alive, dial, identities, talk
 
-from geryon import agent_config, health
+from geryon import agent_config, health, procs
 from geryon.agent_config import ConfigError, parse_duration, parse_listen_addr, parse_size
 from geryon.client import Client
 from geryon.model import Service
@@ -104,6 +104,44 @@ def test_config_refuses_agent_attrs_and_bad_toml(tmp_path: Path) -> None:
     assert got[0].startswith(f"{tmp_path / 'node.toml'}: bad TOML: ")
 
 
+def test_config_reports_every_bad_value(tmp_path: Path) -> None:
+    f = tmp_path / "node.toml"
+    got = problems(
+        tmp_path,
+        'stop_grace = "abc"\nreconnect_max_delay = 0\nlease_ttl = inf\nready_timeout = nan\n'
+        'restart_max_delay = "25h"\n',
+    )
+    assert got == [
+        f"{f}: lease_ttl: bad duration inf: at most 86400s (a day)",
+        f"{f}: reconnect_max_delay: bad duration 0: must be positive",
+        f"{f}: stop_grace: bad duration 'abc' (want e.g. 250ms, 1.5s, 2m, 1h)",
+        f"{f}: restart_max_delay: bad duration '25h': at most 86400s (a day)",
+        f"{f}: ready_timeout: bad duration nan: not a number",
+    ]
+    got = problems(tmp_path, toml({}, [chunk("c0", tmp_path, health={"interval": 1e300})]))
+    assert got == [f"{f}: chunk[0].health.interval: bad duration 1e+300: at most 86400s (a day)"]
+    f.write_bytes(b'host = "h\xe9te"\n')  # Latin-1
+    with pytest.raises(ConfigError) as e:
+        agent_config.load(f)
+    assert e.value.problems == [f"{f}: not UTF-8 text (byte 9)"]
+
+
+def test_listeners_on_one_address_are_all_kept(tmp_path: Path) -> None:
+    path = tmp_path / "node.toml"
+    path.write_text(
+        toml(
+            {},
+            listeners=[
+                {"addr": "tcp!*!0", "command": ["cat"], "attrs": {"svc": "a"}},
+                {"addr": "tcp!*!0", "command": ["cat"], "attrs": {"svc": "b"}},
+                {"addr": "tcp!*!0", "command": ["cat"], "attrs": {"svc": "a"}},
+            ],
+        )
+    )
+    services = agent_config.load(path).services
+    assert [s.attrs["svc"] for s in services.values()] == ["a", "b", "a"]
+
+
 def test_check_prints_the_plan_and_errors_start_nothing(tmp_path: Path) -> None:
     cfg = tmp_path / "node.toml"
     cfg.write_text(
@@ -127,11 +165,27 @@ def test_check_prints_the_plan_and_errors_start_nothing(tmp_path: Path) -> None:
     assert not (tmp_path / "c0").exists()
 
 
+def test_bad_identity_is_reported_before_anything_starts(tmp_path: Path) -> None:
+    empty = tmp_path / "id"
+    empty.mkdir()
+    cfg = tmp_path / "node.toml"
+    cfg.write_text(toml({"host": "host0", "tls_dir": str(empty)}, [chunk("c0", tmp_path)]))
+    agent = [BIN / "geryon-agent", "--config", cfg]
+    r = subprocess.run(agent, capture_output=True, text=True)
+    assert (r.returncode, r.stderr) == (2, f"{cfg}: tls_dir: {empty}/ca.crt: no such file\n")
+    r = subprocess.run([*agent, "--tls-dir", tmp_path / "nowhere"], capture_output=True, text=True)
+    assert r.returncode == 2
+    assert r.stderr == f"geryon-agent: --tls-dir: {tmp_path}/nowhere/ca.crt: no such file\n"
+    assert not (tmp_path / "c0").exists()
+
+
 # ---- real agents ---------------------------------------------------------------
 
 
 class Agent(Daemon):
-    def __init__(self, tmp_path: Path, registry: Registry, chunks, listeners=(), **top) -> None:  # type: ignore[no-untyped-def]
+    def __init__(
+        self, tmp_path: Path, registry: Registry, chunks, listeners=(), args=(), **top
+    ) -> None:  # type: ignore[no-untyped-def]
         host = top.pop("host", "host0")
         self.config = tmp_path / f"{host}.toml"
         self.top = {
@@ -143,7 +197,7 @@ class Agent(Daemon):
         }
         self.write(chunks, listeners)
         super().__init__(
-            [str(BIN / "geryon-agent"), "--config", str(self.config)],
+            [str(BIN / "geryon-agent"), "--config", str(self.config), *args],
             tmp_path / f"{host}.log",
             f"agent {host}: ",
         )
@@ -157,8 +211,8 @@ class Agent(Daemon):
 
 @pytest.fixture
 def start_agent(daemons: list[Daemon], tmp_path: Path):  # type: ignore[no-untyped-def]
-    def start(registry: Registry, chunks, listeners=(), ready="services announced", **top):  # type: ignore[no-untyped-def]
-        a = Agent(tmp_path, registry, chunks, listeners, **top)
+    def start(registry: Registry, chunks, listeners=(), ready="services announced", args=(), **top):  # type: ignore[no-untyped-def]
+        a = Agent(tmp_path, registry, chunks, listeners, args, **top)
         a.ready = ready
         daemons.append(a)
         return a.start()
@@ -348,5 +402,53 @@ async def test_health_checks_against_real_servers(registry: Registry) -> None:
     assert ok, why
     ok, why = await health.check_grpc("127.0.0.1", registry.port, "no.such.Service", 5)
     assert not ok and "not_found" in why
-    assert (await health.check_tcp("127.0.0.1", registry.port, 5))[0]
-    assert not (await health.check_tcp("127.0.0.1", free_port(), 5))[0]
+    assert (await procs.check_tcp("127.0.0.1", registry.port, 5))[0]
+    assert not (await procs.check_tcp("127.0.0.1", free_port(), 5))[0]
+
+
+async def test_listeners_on_one_address_all_run_and_reload(
+    registry: Registry, start_agent, tmp_path: Path
+) -> None:
+    def listeners(*svcs: str) -> list[dict]:
+        return [{"addr": "tcp!*!0", "command": ["cat"], "attrs": {"svc": s}} for s in svcs]
+
+    agent = start_agent(registry, [], listeners("a", "b"))
+    async with registry.client() as c:
+        before = await entries(c, host="host0")
+        assert set(before) == {"a", "b"}
+        agent.write([], listeners("a", "c"))
+        agent.signal(signal.SIGHUP)
+        await agent.wait_log("services announced", 2)
+        after = await entries(c, host="host0")
+        assert set(after) == {"a", "c"}
+        assert after["a"] == before["a"]  # the first listener was left alone
+    assert "reload: 0 added, 0 removed, 1 restarted" in agent.log()
+
+
+async def test_tls_dir_flag_holds_across_reloads(
+    start_registry, start_agent, tmp_path: Path
+) -> None:
+    ids = identities(tmp_path)
+    registry = start_registry(extra=["--tls-dir", str(ids["registry"])])
+    agent = start_agent(registry, [chunk("c0", tmp_path)], args=["--tls-dir", str(ids["host0"])])
+    agent.write([chunk("c0", tmp_path), chunk("c1", tmp_path)])
+    agent.signal(signal.SIGHUP)
+    await agent.wait_log("services announced", 2)
+    async with Client(registry.address, tls_dir=ids["host0"]) as c:
+        assert {s.owner for s in (await c.find({"host": "host0"}))[0]} == {"host0"}
+    assert "reload: 1 added" in agent.log() and "restart the agent" not in agent.log()
+
+
+async def test_refused_lease_is_no_outage(start_registry, start_agent, tmp_path: Path) -> None:
+    ids = identities(tmp_path)
+    registry = start_registry(extra=["--tls-dir", str(ids["registry"])])
+    agent = start_agent(
+        registry, [chunk("c0", tmp_path)], ready="refused", tls_dir=str(ids["viewer"])
+    )
+    await asyncio.sleep(1)  # more retries (every 300ms); none is logged again
+    log = agent.log()
+    refused = f"agent host0: registry {registry.address} refused: reader viewer may not grant"
+    assert log.count(refused) == 1, log
+    assert "leases; services keep running, retrying every 0.3s" in log
+    assert "unreachable" not in log and "Traceback" not in log
+    assert agent.running and (tmp_path / "c0").exists()  # the chunk server was started

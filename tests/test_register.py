@@ -12,9 +12,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import BIN, Daemon, Registry, eventually, free_port
+from conftest import BIN, Daemon, Registry, eventually, free_port, run_cli
 
-from geryon import announce
+from geryon import announce, tls
 
 ECHO = [sys.executable, str(Path(__file__).parent / "fixtures" / "echo.py")]
 # Long enough that only the keepalive stream's end can explain a fast deletion.
@@ -40,6 +40,16 @@ def dial(name: str) -> socket.socket:
 def talk(s: socket.socket, line: str) -> str:
     s.sendall(line.encode() + b"\n")
     return s.makefile().readline().strip()
+
+
+def identities(tmp_path: Path) -> dict[str, Path]:
+    """A cluster CA and an identity for each role (test_auth's pki)."""
+    ca = tmp_path / "ca"
+    tls.init_ca(ca)
+    ids = {"ca": ca}
+    for name, role in [("registry", "server"), ("host0", "node"), ("viewer", "reader")]:
+        ids[name] = tls.issue(ca, name, role=role, out=tmp_path / "id" / name)
+    return ids
 
 
 @pytest.fixture
@@ -222,11 +232,81 @@ async def test_reglisten_end_to_end(registry: Registry, announcers, tmp_path: Pa
         assert not (await c.find({"svc": "rstyx"}))[0]
 
 
+async def test_reglisten_ipv6(registry: Registry, announcers, tmp_path: Path) -> None:
+    start_cli(
+        announcers,
+        tmp_path,
+        registry.address,
+        "reglisten",
+        "-a",
+        "svc",
+        "six",
+        "tcp!::1!0",
+        "--",
+        *ECHO,
+        "stdio",
+        ready="lease",
+    )
+    async with registry.client() as c:
+        s = await eventually(lambda: one(c, {"svc": "six"}))
+        assert s.name.startswith("tcp!::1!")
+        with dial(s.name) as conn:
+            assert conn.makefile().readline().startswith("hello ")
+
+
 def test_reglisten_bad_address() -> None:
     r = subprocess.run(
         [str(BIN / "geryon"), "reglisten", "tcp!*!x", "--", "cat"], capture_output=True, text=True
     )
     assert r.returncode == 2 and "tcp!*!x" in r.stderr
+    r = run_cli("reglisten", "-u", "0", "tcp!*!0", "--", "cat")  # would refuse every connection
+    assert r.returncode == 2 and "-u/--max-conns: want at least 1" in r.stderr
+
+
+@pytest.mark.parametrize("ttl", ["nan", "inf", "100000", "0"])
+def test_register_bad_durations_are_usage_errors(ttl: str) -> None:
+    r = run_cli("register", "--lease-ttl", ttl, "--", "true")
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.splitlines()[-1].startswith("geryon register: error: argument --lease-ttl: ")
+
+
+def test_bad_reconnect_env_fails_only_register(registry: Registry) -> None:
+    env = {"GERYON_RECONNECT_MAX": "abc", "GERYON_REGISTRY": registry.address}
+    assert run_cli("ls", env=env).returncode == 0  # not every command
+    for cmd in (["register", "--", "true"], ["reglisten", "tcp!*!0", "--", "cat"]):
+        r = run_cli(*cmd, env=env)
+        assert r.returncode == 2 and r.stderr.count("\n") == 1  # one line, no traceback
+        assert r.stderr.startswith("geryon: GERYON_RECONNECT_MAX: bad duration 'abc'")
+    # Given on the command line, the variable is not read.
+    r = run_cli("register", "--reconnect-max", "1", "--", "sh", "-c", "exit 4", env=env)
+    assert r.returncode == 4, r.stderr
+
+
+async def test_refused_for_good_ends_register(start_registry, tmp_path: Path) -> None:
+    """A reader may not hold a lease: register says so once and exits 1,
+    instead of calling the registry unreachable and retrying forever."""
+    ids = identities(tmp_path)
+    registry = start_registry(extra=["--tls-dir", str(ids["registry"])])
+    pidfile = tmp_path / "pid"
+    common = ["--registry", registry.address, "--tls-dir", str(ids["viewer"])]
+    r = await asyncio.to_thread(
+        run_cli,
+        *common,
+        "register",
+        "--reconnect-max",
+        "0.1",
+        "--",
+        "sh",
+        "-c",
+        f"echo $$ > {pidfile}; exec {' '.join(ECHO)} tcp {{port}}",
+    )
+    refused = f"register: registry {registry.address} refused: reader viewer may not grant leases"
+    assert r.returncode == 1 and refused in r.stderr.splitlines(), r.stderr
+    assert "unreachable" not in r.stderr and "Traceback" not in r.stderr
+    if pidfile.exists():  # the command had started: it was stopped
+        await eventually(lambda: not alive(int(pidfile.read_text())))
+    r = await asyncio.to_thread(run_cli, *common, "reglisten", "tcp!127.0.0.1!0", "--", "cat")
+    assert r.returncode == 1 and refused.replace("register", "reglisten", 1) in r.stderr
 
 
 def test_substitute_leaves_other_braces() -> None:

@@ -344,12 +344,17 @@ class Lease:
             backoff = min(backoff * 2, 2.0)
 
     async def _stream(self, interval: float) -> None:
-        async def requests() -> AsyncIterator[pb.KeepAliveRequest]:
-            while True:
-                yield pb.KeepAliveRequest(lease=self.id)
-                await asyncio.sleep(interval)
+        # Writes from a task rather than a request generator: grpc closing a
+        # generator that is mid-sleep makes asyncio log noise on every reconnect.
+        call = self.client.stub.KeepAlive(metadata=self.client.metadata)
 
-        call = self.client.stub.KeepAlive(requests(), metadata=self.client.metadata)
+        async def renew() -> None:
+            with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
+                while True:
+                    await call.write(pb.KeepAliveRequest(lease=self.id))
+                    await asyncio.sleep(interval)
+
+        writer = asyncio.create_task(renew(), name=f"lease-{self.id}-renew")
         try:
             async for response in call:
                 if response.ttl_ms == 0:
@@ -360,6 +365,7 @@ class Lease:
         except grpc.aio.AioRpcError as exc:
             raise error_from_rpc(exc) from exc
         finally:
+            writer.cancel()
             call.cancel()
         raise errors.Unavailable("keepalive stream ended")
 
@@ -436,16 +442,16 @@ class Watch:
         )
         requests = self._requests
 
-        async def send() -> AsyncIterator[pb.WatchRequest]:
-            yield pb.WatchRequest(create_request=create)
-            while True:
-                request = await requests.get()
-                if request is None:
-                    return
-                yield request
-
-        call = self.client.stub.Watch(send(), metadata=self.client.metadata)
+        call = self.client.stub.Watch(metadata=self.client.metadata)
         self._call = call
+
+        async def send() -> None:  # a task, not a request generator (see Lease)
+            with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
+                await call.write(pb.WatchRequest(create_request=create))
+                while (request := await requests.get()) is not None:
+                    await call.write(request)
+
+        writer = asyncio.create_task(send(), name="watch-requests")
         listed: list[Service] = []
         try:
             async for r in call:
@@ -473,5 +479,6 @@ class Watch:
                 return
             raise error_from_rpc(exc) from exc
         finally:
+            writer.cancel()
             call.cancel()
             self._call = None

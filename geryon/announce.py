@@ -63,7 +63,6 @@ CALL_TIMEOUT = 2.0
 SYNC_CONCURRENCY = 16
 # How often an up lease's keepalive state is looked at, for the transition
 # log: client.Lease has an event for its stream coming up, none for it breaking.
-POLL_S = 0.2
 OVERLOADED = b"server overloaded\n"
 PLACEHOLDER = re.compile(r"\{(path|port|addr|id|host)\}")
 
@@ -142,6 +141,7 @@ class Announcer:
         self.refused = asyncio.Event()
         self.state = "new"  # new | up | down | refused
         self._down_lease = 0  # the lease we held when the registry went away
+        self._breaks_seen = 0  # lease.breaks when we last looked
         self._refused_why = ""  # the refusal last logged
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -232,6 +232,7 @@ class Announcer:
             await lease.close(revoke=False)
             raise
         self.lease = lease
+        self._breaks_seen = lease.breaks
         self.actual.clear()
         self.rejected.clear()
         if old is not None and self.state == "up":
@@ -315,14 +316,15 @@ class Announcer:
         lease = self.lease
         self._wake.clear()
         while not (self._wake.is_set() or lease.lost.is_set()):
+            lease.changed.clear()
+            if lease.breaks != self._breaks_seen and self.state == "up":
+                self._went_down("keepalive stream broken")
+            self._breaks_seen = lease.breaks
             if lease.connected.is_set():
                 self._came_up()
-                # No event says the stream broke (see POLL_S): look again soon.
-                await _first(self._wake, lease.lost, limit=POLL_S)
-            else:
-                if self.state == "up":
-                    self._went_down("keepalive stream broken")
-                await _first(self._wake, lease.lost, lease.connected)
+            elif self.state == "up":
+                self._went_down("keepalive stream broken")
+            await _first(self._wake, lease.lost, lease.changed)
 
     def _went_down(self, why: str) -> None:
         if self.state == "down":

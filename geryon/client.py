@@ -288,6 +288,11 @@ class Lease:
         self.id: LeaseID = 0
         self.lost = asyncio.Event()
         self.connected = asyncio.Event()
+        # How often the keepalive stream broke after working, and an event set
+        # on every change of connected/breaks/lost: a watcher of the lease
+        # misses no outage, however short.
+        self.breaks = 0
+        self.changed = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> Lease:
@@ -336,9 +341,12 @@ class Lease:
                 if not exc.transient and not isinstance(exc, errors.ResourceExhausted):
                     log.warning("lease %d: %s", self.id, exc)
                     self.lost.set()
+                    self.changed.set()
                     return
             if self.connected.is_set():  # it had worked: start backing off afresh
                 backoff = 0.05
+                self.breaks += 1
+                self.changed.set()
             self.connected.clear()
             await asyncio.sleep(backoff * (0.5 + random.random()))
             backoff = min(backoff * 2, 2.0)
@@ -360,8 +368,11 @@ class Lease:
                 if response.ttl_ms == 0:
                     log.warning("lease %d: the registry says it is gone", self.id)
                     self.lost.set()
+                    self.changed.set()
                     return
-                self.connected.set()
+                if not self.connected.is_set():
+                    self.connected.set()
+                    self.changed.set()
         except grpc.aio.AioRpcError as exc:
             raise error_from_rpc(exc) from exc
         finally:

@@ -41,7 +41,6 @@ import contextlib
 import ipaddress
 import logging
 import os
-import random
 import re
 import signal
 import socket
@@ -52,7 +51,7 @@ from pathlib import Path
 
 from geryon import errors, procs
 from geryon.agent_config import ListenAddr
-from geryon.client import Client, Lease
+from geryon.client import Backoff, Client, Lease
 
 log = logging.getLogger("geryon.announce")
 
@@ -65,24 +64,6 @@ SYNC_CONCURRENCY = 16
 # log: client.Lease has an event for its stream coming up, none for it breaking.
 OVERLOADED = b"server overloaded\n"
 PLACEHOLDER = re.compile(r"\{(path|port|addr|id|host)\}")
-
-
-class Backoff:
-    """Exponential backoff with equal jitter: each delay is drawn from
-    [cap/2, cap], the cap doubling from ``initial`` up to ``maximum``."""
-
-    def __init__(self, initial: float, maximum: float) -> None:
-        self.initial = min(initial, maximum)
-        self.maximum = maximum
-        self.attempt = 0
-
-    def next(self) -> float:
-        cap = min(self.maximum, self.initial * 2**self.attempt)
-        self.attempt += 1
-        return cap / 2 + random.uniform(0, cap / 2)
-
-    def reset(self) -> None:
-        self.attempt = 0
 
 
 class _LeaseGone(Exception):

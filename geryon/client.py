@@ -67,6 +67,24 @@ def _transient(exc: BaseException) -> bool:
     return isinstance(exc, errors.GeryonError) and exc.transient
 
 
+class Backoff:
+    """Exponential backoff with equal jitter: each delay is drawn from
+    [cap/2, cap], the cap doubling from ``initial`` up to ``maximum``."""
+
+    def __init__(self, initial: float, maximum: float) -> None:
+        self.initial = min(initial, maximum)
+        self.maximum = maximum
+        self.attempt = 0
+
+    def next(self) -> float:
+        cap = min(self.maximum, self.initial * 2**self.attempt)
+        self.attempt += 1
+        return cap / 2 + random.uniform(0, cap / 2)
+
+    def reset(self) -> None:
+        self.attempt = 0
+
+
 @dataclass(frozen=True, slots=True)
 class LeaseInfo:
     id: LeaseID
@@ -330,7 +348,7 @@ class Lease:
                 await self.client.revoke(self.id)
 
     async def _keep(self) -> None:
-        backoff = 0.05
+        backoff = Backoff(0.05, 2.0)
         interval = self.ttl_ms / 3000
         while True:
             try:
@@ -344,12 +362,11 @@ class Lease:
                     self.changed.set()
                     return
             if self.connected.is_set():  # it had worked: start backing off afresh
-                backoff = 0.05
+                backoff.reset()
                 self.breaks += 1
                 self.changed.set()
             self.connected.clear()
-            await asyncio.sleep(backoff * (0.5 + random.random()))
-            backoff = min(backoff * 2, 2.0)
+            await asyncio.sleep(backoff.next())
 
     async def _stream(self, interval: float) -> None:
         # Writes from a task rather than a request generator: grpc closing a
@@ -417,12 +434,12 @@ class Watch:
         return self._run()
 
     async def _run(self) -> AsyncIterator[WatchMessage]:
-        backoff = 0.05
+        backoff = Backoff(0.05, 2.0)
         while not self._closed:
             snapshot = self.want_snapshot
             try:
                 async for message in self._once(snapshot):
-                    backoff = 0.05
+                    backoff.reset()
                     yield message
                 if self._closed:
                     return
@@ -439,8 +456,7 @@ class Watch:
             except errors.GeryonError as exc:
                 if not exc.transient:
                     raise
-            await asyncio.sleep(backoff * (0.5 + random.random()))
-            backoff = min(backoff * 2, 2.0)
+            await asyncio.sleep(backoff.next())
 
     async def _once(self, snapshot: bool) -> AsyncIterator[WatchMessage]:
         create = build(

@@ -46,13 +46,12 @@ from geryon.agent_config import AgentConfig, ChunkSpec, ConfigError, ListenerSpe
 from geryon.announce import (
     CALL_TIMEOUT,
     Announcer,
-    Backoff,
     ChildService,
     Listener,
     Node,
     substitute,
 )
-from geryon.client import Client
+from geryon.client import Backoff, Client
 from geryon.health import Checker
 
 log = logging.getLogger("geryon.agent")

@@ -51,7 +51,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from geryon import errors
-from geryon.client import DEFAULT_REGISTRY, Client
+from geryon.client import DEFAULT_REGISTRY, Backoff, Client
 from geryon.model import Revision, Service, validate_name
 from geryon.ndb import Database, NdbError
 
@@ -469,7 +469,7 @@ async def run(
     ]
     loop = asyncio.get_running_loop()
     next_resync = loop.time() + resync
-    backoff = 0.1
+    backoff = Backoff(0.1, 5.0)
     unready = True
     failure = ""
     idle_since = float("-inf")  # when the last pass ended
@@ -492,19 +492,18 @@ async def run(
                 if str(exc) != failure:
                     log.warning("reconciler: registry %s: %s; retrying", client.target, exc)
                 failure = str(exc)
-                await asyncio.sleep(backoff * (0.5 + random.random()))
-                backoff = min(backoff * 2, 5.0)
+                await asyncio.sleep(backoff.next())
                 kick.set()
                 continue
             except Exception:
                 log.exception("reconciler: internal error; retrying")
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
+                await asyncio.sleep(backoff.next())
                 kick.set()
                 continue
             if failure:
                 log.info("reconciler: registry %s answers again", client.target)
-            backoff, failure = 0.1, ""
+            backoff.reset()
+            failure = ""
             if result.conflict:
                 # Lost a race (another reconciler, an operator): read again.
                 await asyncio.sleep(random.random() * debounce)

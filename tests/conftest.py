@@ -26,6 +26,23 @@ ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 READY_TIMEOUT = 20.0
 
+# The seed's /lib/ndb/cluster: disk names and the chunks serving them.
+CLUSTER = """\
+name=d0.mbox kfs
+  master=host0!chunk0
+  replica=d0.replica
+
+name=d1.mbox kfs
+  master=host0!chunk1
+  replica=d1.replica
+
+name=d0.replica kfs
+  master=host1!chunk0 replica
+
+name=d1.replica kfs
+  master=host1!chunk1 replica
+"""
+
 
 def free_port() -> int:
     with socket.socket() as s:

@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
+from conftest import CLUSTER
 
 from geryon import errors
 from geryon.model import Service
@@ -25,23 +26,6 @@ from geryon.reconciler import (
     plan,
     read_disks,
 )
-
-# The seed's /lib/ndb/cluster fragment (which also has trailing blanks: see below).
-CLUSTER = """\
-name=d0.mbox kfs
-  master=host0!chunk0
-  replica=d0.replica
-
-name=d1.mbox kfs
-  master=host0!chunk1
-  replica=d1.replica
-
-name=d0.replica kfs
-  master=host1!chunk0 replica
-
-name=d1.replica kfs
-  master=host1!chunk1 replica
-"""
 
 M = {MANAGED_ATTR: MANAGED_VALUE}
 

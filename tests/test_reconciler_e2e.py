@@ -14,27 +14,11 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
-from conftest import BIN, Daemon, Registry, eventually, run_cli
+from conftest import BIN, CLUSTER, Daemon, Registry, eventually, run_cli
 
 from geryon import errors, tls
 from geryon.client import Client, Lease
 from geryon.model import Service
-
-CLUSTER = """\
-name=d0.mbox kfs
-  master=host0!chunk0
-  replica=d0.replica
-
-name=d1.mbox kfs
-  master=host0!chunk1
-  replica=d1.replica
-
-name=d0.replica kfs
-  master=host1!chunk0 replica
-
-name=d1.replica kfs
-  master=host1!chunk1 replica
-"""
 
 M0 = "tcp!127.0.0.1!6701"  # d0.mbox's master, host0!chunk0
 R0 = "tcp!127.0.0.1!6702"  # d0.replica's, host1!chunk0

@@ -15,6 +15,7 @@ import pytest
 from conftest import BIN, Daemon, Registry, eventually, free_port, run_cli
 
 from geryon import announce, tls
+from geryon.client import Backoff
 
 ECHO = [sys.executable, str(Path(__file__).parent / "fixtures" / "echo.py")]
 # Long enough that only the keepalive stream's end can explain a fast deletion.
@@ -315,7 +316,7 @@ def test_substitute_leaves_other_braces() -> None:
 
 
 def test_backoff_is_jittered_and_capped() -> None:
-    b = announce.Backoff(0.1, 1.0)
+    b = Backoff(0.1, 1.0)
     delays = [b.next() for _ in range(10)]
     caps = [min(1.0, 0.1 * 2**i) for i in range(10)]
     assert all(cap / 2 <= d <= cap for d, cap in zip(delays, caps, strict=True))

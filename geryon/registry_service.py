@@ -413,6 +413,9 @@ class RegistryService(pb_grpc.RegistryServicer):
         progress: asyncio.Event,
         watcher: Watcher,
     ) -> None:
+        # A client that closes its side still gets events (as etcd does): the
+        # watch ends when the call is cancelled. Ending it here would race that
+        # cancellation and report a cancelled watch as UNAVAILABLE.
         with contextlib.suppress(Exception):
             async for request in requests:
                 if request.HasField("progress_request"):
@@ -421,8 +424,6 @@ class RegistryService(pb_grpc.RegistryServicer):
                 else:
                     watcher.fail(InvalidArgument("watch: only one create_request per stream"))
                     return
-        # The client closed its side: end the watch.
-        watcher.fail(Unavailable("watch: closed by the client"))
 
     async def _stream(
         self, watcher: Watcher, progress: asyncio.Event, interval: float

@@ -79,6 +79,12 @@ class DeadlineExceeded(Transient):
     code = "DEADLINE_EXCEEDED"
 
 
+class Cancelled(Transient):
+    """The server gave up on the call (its shutdown grace ran out): try again."""
+
+    code = "CANCELLED"
+
+
 class Internal(Terminal):
     code = "INTERNAL"
 
@@ -97,6 +103,7 @@ BY_CODE: dict[str, type[GeryonError]] = {
         ResourceExhausted,
         Unavailable,
         DeadlineExceeded,
+        Cancelled,
         Internal,
     )
 }

@@ -174,7 +174,7 @@ def test_ca_cli(tmp_path: Path) -> None:
 async def test_flooding_client_is_exhausted_others_carry_on(start_registry) -> None:
     registry = start_registry(extra=["--write-rate", "50"])
     async with (
-        registry.client(user="flood", retry_for=2) as flood,
+        registry.client(user="flood", retry_for=10) as flood,
         registry.client(user="calm") as calm,
     ):
         results = await asyncio.gather(

@@ -27,7 +27,7 @@ of watchers' filters; reads and requests that must be refused share one rule.
 
 Leases, and why the model stays deterministic. A lease ends only where the
 model says so:
-- kept leases (``Client.lease``, a 5 s TTL renewed in the background) and idle
+- kept leases (``Client.lease``, a 15 s TTL renewed in the background) and idle
   leases (the 1-day TTL ceiling, never renewed) cannot expire during a run;
   restarts give them a fresh TTL;
 - Revoke ends one at once;
@@ -99,7 +99,7 @@ SETTINGS = settings(
 )
 
 OWNERS = ("alice", "bob", "carol")
-KEEP_TTL_MS = 5_000  # kept alive by a client-library Lease
+KEEP_TTL_MS = 15_000  # kept alive by a client-library Lease; outlasts a restart's backoff
 IDLE_TTL_MS = 86_400_000  # the ceiling: an idle lease outlives any run
 SHORT_TTL_MS = 500  # the floor: the one lease allowed to expire
 UNKNOWN_LEASE = 10**12  # never granted

@@ -163,7 +163,8 @@ class Announcer:
             return
         lease, self.lease = self.lease, None
         try:
-            await asyncio.wait_for(lease.close(revoke=revoke), grace)
+            async with asyncio.timeout(grace):
+                await lease.close(revoke=revoke)
         except TimeoutError:
             # Our keepalive stream is gone with the task: a registry that comes
             # back ends the lease when its TTL passes.

@@ -168,7 +168,8 @@ async def cmd_watch(args: argparse.Namespace) -> int:
         # The watch itself rides out a registry restart; but a registry that
         # never answers at all is an error the user should hear about.
         try:
-            first = await asyncio.wait_for(anext(messages), args.timeout)
+            async with asyncio.timeout(args.timeout):
+                first = await anext(messages)
         except TimeoutError:
             raise errors.Unavailable(f"no answer in {args.timeout:g}s") from None
         print_watch(first, as_json=args.json)

@@ -201,7 +201,10 @@ class Client:
         *,
         lease: LeaseID = 0,
         persist: bool = False,
+        create_only: bool = False,
     ) -> Service:
+        # With create_only, a retry after a lost reply may find the entry its
+        # first try made: FailedPrecondition then means "re-read", as any fence.
         r = await self._call(
             self.stub.Register,
             pb.RegisterRequest,
@@ -209,6 +212,7 @@ class Client:
             attrs=attrs or {},
             lease=lease,
             persist=persist,
+            create_only=create_only,
         )
         return service_from_pb(r.service)
 

@@ -40,7 +40,8 @@ async def check_command(
         stderr=asyncio.subprocess.DEVNULL,
     )
     try:
-        await asyncio.wait_for(proc.wait(), limit)
+        async with asyncio.timeout(limit):
+            await proc.wait()
     except TimeoutError:
         await procs.stop(proc, keeper, grace=0.1)
         return False, f"{argv[0]} timed out after {limit:g}s"

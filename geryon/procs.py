@@ -151,7 +151,8 @@ async def stop(proc: asyncio.subprocess.Process, keeper: Keeper, *, grace: float
     if proc.returncode is None:
         _killpg(proc.pid, signal.SIGTERM)
         try:
-            await asyncio.wait_for(proc.wait(), grace)
+            async with asyncio.timeout(grace):
+                await proc.wait()
         except TimeoutError:
             _killpg(proc.pid, signal.SIGKILL)
             await proc.wait()
@@ -178,8 +179,12 @@ def describe(returncode: int | None) -> str:
 
 async def check_tcp(host: str, port: int, limit: float) -> tuple[bool, str]:
     """Whether ``host``:``port`` accepts a connection within ``limit`` seconds, and why not."""
+    # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a
+    # cancellation that lands as the connection completes, and the caller
+    # (a command being stopped) would then run on.
     try:
-        _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), limit)
+        async with asyncio.timeout(limit):
+            _, writer = await asyncio.open_connection(host, port)
     except TimeoutError:
         return False, f"connect to {host}:{port} timed out"
     except OSError as exc:

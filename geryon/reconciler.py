@@ -18,10 +18,10 @@ a level-triggered controller:
   ``addr`` is). With neither live it stays, ``status down`` without ``addr``.
   ``--failback auto`` points back at the master as soon as it is live again;
   ``never`` stays on a live replica the entry already serves.
-- The difference (``plan``): create, update (fenced by ``mod_revision``) or
-  delete managed entries; an unmanaged entry holding a disk name is reported,
-  never touched. Managed entries are owned whole: attributes not desired are
-  removed.
+- The difference (``plan``): create (fenced: only if still absent), update
+  or delete (fenced by ``mod_revision``) managed entries; an unmanaged entry
+  holding a disk name is reported, never touched. Managed entries are owned
+  whole: attributes not desired are removed.
 - Triggers are hints (``run``): a Watch on chunk entries (``id=*``), a Watch
   on managed entries, the ndb files' signatures polled every half second, and
   a periodic resync. Any of them sets one flag; the loop clears it and runs a
@@ -395,7 +395,7 @@ class Reconciler:
         """Make one write; a terminal error is returned, a transient one raised."""
         try:
             if a.kind == "create":
-                await self.client.register(a.name, a.attrs, persist=True)
+                await self.client.register(a.name, a.attrs, persist=True, create_only=True)
             elif a.kind == "update":
                 await self.client.update(
                     a.name, a.attrs, remove_attrs=a.remove, expected_mod_revision=a.expected
@@ -476,7 +476,8 @@ async def run(
     try:
         while True:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(kick.wait(), max(0.0, next_resync - loop.time()))
+                async with asyncio.timeout(max(0.0, next_resync - loop.time())):
+                    await kick.wait()
             # After a quiet spell the first trigger is served at once; triggers
             # that come while we are busy are gathered for a moment first.
             if loop.time() - idle_since < debounce:

@@ -147,6 +147,7 @@ class RegistryService(pb_grpc.RegistryServicer):
                     lease=request.lease,
                     persist=request.persist,
                     caller=caller,
+                    create_only=request.create_only,
                 ),
             )
             return pb.RegisterResponse(

@@ -486,6 +486,7 @@ class Store:
         lease: LeaseID,
         persist: bool,
         caller: Caller,
+        create_only: bool = False,
     ) -> tuple[Service, asyncio.Future[None]]:
         validate_name(name)
         attrs = validate_attrs(attrs)
@@ -502,6 +503,10 @@ class Store:
         prev = self.services.get(name)
         if prev is not None and prev.owner != caller.name:
             raise AlreadyExists(f"{name} is registered by {prev.owner}")
+        if prev is not None and create_only:
+            raise FailedPrecondition(
+                f"{name}: create_only, but it exists (created at revision {prev.create_revision})"
+            )
         if prev is not None and prev.attrs == attrs and prev.lease == lease:
             return prev, self._barrier()  # idempotent: no new revision
         revision = self._next_revision()

@@ -276,11 +276,15 @@ class FakeRegistry:
         while self.before_write:
             await self.before_write.pop(0)()
 
-    async def register(self, name: str, attrs: Mapping[str, str], *, persist: bool) -> Service:
+    async def register(
+        self, name: str, attrs: Mapping[str, str], *, persist: bool, create_only: bool = False
+    ) -> Service:
         await self._write()
         prev = self.services.get(name)
         if prev is not None and prev.owner != "reconciler":
             raise errors.AlreadyExists(f"{name} is registered by {prev.owner}")
+        if prev is not None and create_only:
+            raise errors.FailedPrecondition(f"{name}: create_only, but it exists")
         return self._put(Service(name, dict(attrs), owner="reconciler"))
 
     def _fenced(self, name: str, expected: int) -> Service:
@@ -381,6 +385,21 @@ async def test_a_lost_race_is_a_conflict_and_the_next_pass_fixes_it(tmp_path: Pa
     await converge(rec)
     assert disk_view(reg)["d0.mbox"]["status"] == "down"
     assert "addr" not in disk_view(reg)["d0.mbox"]
+
+
+async def test_a_create_that_lost_a_race_overwrites_nothing(tmp_path: Path) -> None:
+    reg = FakeRegistry()
+    rec = Reconciler(reg, ndb_file(tmp_path, CLUSTER), failback="auto")  # type: ignore[arg-type]
+
+    async def meddle() -> None:  # another reconciler creates d0.mbox first
+        if "d0.mbox" not in reg.services:
+            reg._put(Service("d0.mbox", {"addr": "theirs", **M}, owner="reconciler"))
+
+    reg.before_write.append(meddle)
+    result = await rec.reconcile()
+    assert result.conflict and reg.services["d0.mbox"].attrs == {"addr": "theirs", **M}
+    await converge(rec)
+    assert disk_view(reg)["d0.mbox"]["status"] == "down"
 
 
 async def test_two_reconcilers_converge_without_flapping(tmp_path: Path) -> None:

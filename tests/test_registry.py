@@ -113,7 +113,13 @@ async def test_stale_mod_revision_is_failed_precondition(client: Client) -> None
         await client.update("d0.mbox", {"addr": "tcp!h0!3"}, expected_mod_revision=s.mod_revision)
     with pytest.raises(errors.FailedPrecondition):
         await client.unregister("d0.mbox", expected_mod_revision=s.mod_revision)
+    # A create fence: create_only refuses to upsert what exists.
+    with pytest.raises(errors.FailedPrecondition, match="create_only"):
+        await client.register("d0.mbox", {"addr": "tcp!h0!4"}, persist=True, create_only=True)
+    assert (await client.get("d0.mbox")) == s2
     await client.unregister("d0.mbox", expected_mod_revision=s2.mod_revision)
+    made = await client.register("d0.mbox", {"addr": "tcp!h0!5"}, persist=True, create_only=True)
+    assert made.create_revision == made.mod_revision
 
 
 @pytest.mark.parametrize(

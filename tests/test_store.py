@@ -124,6 +124,15 @@ def names(services: list[Service]) -> list[str]:
 # ---- register, get, find ------------------------------------------------------
 
 
+async def test_create_only_refuses_an_existing_name(store: Store) -> None:
+    first = await done(
+        store.register("d0", {"a": "1"}, lease=0, persist=True, caller=ALICE, create_only=True)
+    )
+    with pytest.raises(FailedPrecondition, match="created at revision 1"):
+        store.register("d0", {"a": "2"}, lease=0, persist=True, caller=ALICE, create_only=True)
+    assert store.get("d0") == first and store.revision == 1
+
+
 async def test_register_and_get(store: Store) -> None:
     s = await reg(store, "tcp!h0!6701", {"proto": "tcp"})
     assert s == Service("tcp!h0!6701", {"proto": "tcp"}, 0, "alice", 1, 1)

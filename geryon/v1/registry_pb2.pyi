@@ -37,7 +37,7 @@ class Service(_message.Message):
     def __init__(self, name: _Optional[str] = ..., attrs: _Optional[_Mapping[str, str]] = ..., lease: _Optional[int] = ..., owner: _Optional[str] = ..., create_revision: _Optional[int] = ..., mod_revision: _Optional[int] = ...) -> None: ...
 
 class RegisterRequest(_message.Message):
-    __slots__ = ("name", "attrs", "lease", "persist")
+    __slots__ = ("name", "attrs", "lease", "persist", "create_only")
     class AttrsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -49,11 +49,13 @@ class RegisterRequest(_message.Message):
     ATTRS_FIELD_NUMBER: _ClassVar[int]
     LEASE_FIELD_NUMBER: _ClassVar[int]
     PERSIST_FIELD_NUMBER: _ClassVar[int]
+    CREATE_ONLY_FIELD_NUMBER: _ClassVar[int]
     name: str
     attrs: _containers.ScalarMap[str, str]
     lease: int
     persist: bool
-    def __init__(self, name: _Optional[str] = ..., attrs: _Optional[_Mapping[str, str]] = ..., lease: _Optional[int] = ..., persist: _Optional[bool] = ...) -> None: ...
+    create_only: bool
+    def __init__(self, name: _Optional[str] = ..., attrs: _Optional[_Mapping[str, str]] = ..., lease: _Optional[int] = ..., persist: _Optional[bool] = ..., create_only: _Optional[bool] = ...) -> None: ...
 
 class RegisterResponse(_message.Message):
     __slots__ = ("header", "service")

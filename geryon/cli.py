@@ -12,6 +12,7 @@ import asyncio
 import dataclasses
 import json
 import os
+import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
@@ -319,7 +320,8 @@ def build_parser() -> argparse.ArgumentParser:
         "watch",
         help="print changes as they happen, until interrupted",
         description="One line per event: PUT or DELETE, the revision, "
-        "then the service as ls prints it.",
+        "then the service as ls prints it. Runs until SIGINT or SIGTERM "
+        "(exit status 130 or 143).",
     )
     w.add_argument("--attr", "-a", action="append", metavar="A=V", help="filter (repeatable)")
     w.add_argument("--prefix", default="", help="only names starting with this")
@@ -380,11 +382,35 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+async def run_interruptible(args: argparse.Namespace) -> int:
+    """Run the command; SIGINT or SIGTERM cancels it and exits 128+N. Taken
+    through the loop's wakeup fd, not asyncio.run's plain handler: a signal
+    that lands on one of grpc's threads would not wake a loop waiting on a
+    quiet watch."""
+    task = asyncio.current_task()
+    assert task is not None
+    loop = asyncio.get_running_loop()
+    caught: list[int] = []
+
+    def stop(sig: int) -> None:
+        caught.append(sig)
+        task.cancel()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop, sig)
+    try:
+        return await args.run(args)
+    except asyncio.CancelledError:
+        if caught:
+            return 128 + caught[0]
+        raise
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        code = asyncio.run(args.run(args))
+        code = asyncio.run(run_interruptible(args))
     except UsageError as exc:
         print(f"geryon: {exc}", file=sys.stderr)
         code = 2

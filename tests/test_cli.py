@@ -89,7 +89,8 @@ def test_watch_prints_events_until_interrupted(registry: Registry) -> None:
         assert line[0] == "DELETE" and line[2] == "a"
     finally:
         proc.send_signal(signal.SIGINT)
-        proc.wait(10)
+        code = proc.wait(10)
+    assert code == 128 + signal.SIGINT
     assert "Traceback" not in proc.stderr.read()
 
 

@@ -392,8 +392,13 @@ async def run_interruptible(args: argparse.Namespace) -> int:
     loop = asyncio.get_running_loop()
     caught: list[int] = []
 
+    # Cancelling the root task, not setting a flag: every command is a plain
+    # await chain with nothing to finish first. A second signal is the
+    # default one again, so it ends a command that will not stop.
     def stop(sig: int) -> None:
         caught.append(sig)
+        for s in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(s)
         task.cancel()
 
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -1,8 +1,9 @@
 """The asyncio client every other part of Geryon uses (CLI, agent, reconciler).
 
 It hides the stubs: callers get model objects and geryon.errors exceptions,
-never grpc types. Transient failures (UNAVAILABLE, DEADLINE_EXCEEDED) are
-retried with exponential backoff and jitter; terminal ones are raised at once.
+never grpc types. Transient failures (UNAVAILABLE, DEADLINE_EXCEEDED,
+CANCELLED) are retried with exponential backoff and jitter; terminal ones are
+raised at once.
 
 Two long-lived helpers carry the registry's streaming contracts:
 - ``Lease`` keeps a lease alive in the background across registry restarts

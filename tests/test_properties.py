@@ -653,11 +653,20 @@ class RegistryMachine(RuleBasedStateMachine):
     # ---- predicting writes --------------------------------------------------
 
     def plan_register(
-        self, owner: str, name: str, attrs: dict[str, str], lease: int, persist: bool
+        self,
+        owner: str,
+        name: str,
+        attrs: dict[str, str],
+        lease: int,
+        persist: bool,
+        create_only: bool = False,
     ) -> Plan:
-        request = pb.RegisterRequest(name=name, attrs=attrs, lease=lease, persist=persist)
+        request = pb.RegisterRequest(
+            name=name, attrs=attrs, lease=lease, persist=persist, create_only=create_only
+        )
         plan = Plan(
-            f"register {name!r} by {owner} lease {lease} persist {persist}",
+            f"register {name!r} by {owner} lease {lease} persist {persist}"
+            + (" create_only" if create_only else ""),
             OK,
             lambda: rpc(self.c(owner), "Register", request),
         )
@@ -674,6 +683,8 @@ class RegistryMachine(RuleBasedStateMachine):
         prev = plan.prev = self.entries.get(name)
         if prev is not None and prev.owner != owner:
             faults.add(errors.AlreadyExists)
+        elif prev is not None and create_only:
+            faults.add(errors.FailedPrecondition)  # a fence, checked before the no-op
         plan.faults = frozenset(faults)
         if prev is not None and prev.attrs == attrs and prev.lease == lease:
             plan.noop = True
@@ -758,7 +769,8 @@ class RegistryMachine(RuleBasedStateMachine):
         if kind == "register":
             attrs = self.draw_attrs(data)
             lease, persist = self.draw_lease_use(data, owner)
-            return self.plan_register(owner, name, attrs, lease, persist)
+            create_only = data.draw(st.sampled_from([False] * 3 + [True]), label="create_only")
+            return self.plan_register(owner, name, attrs, lease, persist, create_only)
         if kind == "update":
             set_attrs = self.draw_attrs(data, "set_attrs")
             remove = data.draw(

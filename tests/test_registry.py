@@ -378,10 +378,12 @@ async def test_watch_with_its_request_side_closed_keeps_streaming(
     registry: Registry, client: Client
 ) -> None:
     async with grpc.aio.insecure_channel(registry.address) as ch:
-        call = pb_grpc.RegistryStub(ch).Watch(
-            iter([pb.WatchRequest(create_request=pb.WatchCreateRequest(attrs={"svc": "half"}))])
+        call = pb_grpc.RegistryStub(ch).Watch()
+        await call.write(
+            pb.WatchRequest(create_request=pb.WatchCreateRequest(attrs={"svc": "half"}))
         )
-        await call.read()  # the starting progress notice; the request side is closed by now
+        await call.done_writing()
+        await call.read()  # the starting progress notice
         await client.register("tcp!half!1", {"svc": "half"}, persist=True)
         message = await asyncio.wait_for(call.read(), 10)
         assert [e.service.name for e in message.events] == ["tcp!half!1"]

@@ -94,8 +94,9 @@ class RegistryServicer:
     def Register(self, request, context):
         """Register creates a service (Inferno's "new"). Registering a name that the
         same owner already holds replaces its attributes and lease in one revision
-        (an idempotent upsert, what a re-announcing process needs); a name held by
-        another owner is ALREADY_EXISTS.
+        (an idempotent upsert, what a re-announcing process needs), unless
+        create_only asks for FAILED_PRECONDITION instead; a name held by another
+        owner is ALREADY_EXISTS.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -132,7 +133,8 @@ class RegistryServicer:
     def Watch(self, request_iterator, context):
         """Watch streams changes to the services matching a filter. The first request
         on the stream must be a create request; later requests may ask for a
-        progress notice. Closing the request side ends the watch.
+        progress notice. Closing the request side does not end the watch;
+        cancelling the call does.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -13,6 +13,7 @@ import dataclasses
 import json
 import os
 import signal
+import socket
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
@@ -383,32 +384,43 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 async def run_interruptible(args: argparse.Namespace) -> int:
-    """Run the command; SIGINT or SIGTERM cancels it and exits 128+N. Taken
-    through the loop's wakeup fd, not asyncio.run's plain handler: a signal
-    that lands on one of grpc's threads would not wake a loop waiting on a
-    quiet watch."""
+    """Run the command; SIGINT or SIGTERM cancels it and exits 128+N.
+
+    asyncio.run's own SIGINT handler is not enough: a signal the kernel hands
+    to one of grpc's threads does not wake a loop parked on a quiet watch. A
+    wakeup fd does, whichever thread takes the signal."""
     task = asyncio.current_task()
     assert task is not None
     loop = asyncio.get_running_loop()
     caught: list[int] = []
+    wake_r, wake_w = socket.socketpair()
+    for end in (wake_r, wake_w):
+        end.setblocking(False)
 
     # Cancelling the root task, not setting a flag: every command is a plain
     # await chain with nothing to finish first. A second signal is the
-    # default one again, so it ends a command that will not stop.
-    def stop(sig: int) -> None:
+    # default one again, so it ends a command that is stuck outside the loop.
+    def on_signal(sig: int, _frame: object) -> None:
         caught.append(sig)
-        for s in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(s)
-        task.cancel()
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        loop.call_soon_threadsafe(task.cancel)
 
+    loop.add_reader(wake_r.fileno(), wake_r.recv, 512)
+    old_fd = signal.set_wakeup_fd(wake_w.fileno())
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop, sig)
+        signal.signal(sig, on_signal)
     try:
         return await args.run(args)
     except asyncio.CancelledError:
         if caught:
             return 128 + caught[0]
         raise
+    finally:
+        signal.set_wakeup_fd(old_fd)
+        loop.remove_reader(wake_r.fileno())
+        wake_r.close()
+        wake_w.close()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
+import time
+from pathlib import Path
 
 from conftest import BIN, Registry, run_cli
 
@@ -91,6 +94,28 @@ def test_watch_prints_events_until_interrupted(registry: Registry) -> None:
         proc.send_signal(signal.SIGINT)
         code = proc.wait(10)
     assert code == 128 + signal.SIGINT
+    assert "Traceback" not in proc.stderr.read()
+
+
+def test_a_second_sigint_ends_a_command_stuck_outside_the_loop(tmp_path) -> None:
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)  # opening it blocks until a writer comes: nobody will
+    proc = subprocess.Popen(
+        [str(BIN / "geryon"), "ndb", "query", "-f", str(fifo), "name"],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    wchan = Path(f"/proc/{proc.pid}/wchan")
+    deadline = time.monotonic() + 10  # until it waits on the fifo (a SIGINT
+    while time.monotonic() < deadline:  # during start-up is Python's, not ours)
+        if wchan.read_text() == "wait_for_partner":
+            break
+        time.sleep(0.05)
+    deadline = time.monotonic() + 20
+    while proc.poll() is None and time.monotonic() < deadline:
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.2)
+    assert proc.wait(10) == 128 + signal.SIGINT
     assert "Traceback" not in proc.stderr.read()
 
 

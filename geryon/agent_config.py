@@ -174,6 +174,14 @@ def parse_hostport(text: str) -> tuple[str, int]:
     return host, int(port)
 
 
+def registry_address(text: str) -> str:
+    """A registry to dial, HOST:PORT or unix:PATH, checked so that a typo is
+    an error at once rather than a connection retried for ever."""
+    if not text.startswith("unix:"):
+        parse_hostport(text)
+    return text
+
+
 # ---- the parsed config -----------------------------------------------------
 
 
@@ -436,7 +444,7 @@ def parse(data: Mapping[str, Any], path: Path) -> AgentConfig:
         "registry",
         str,
         os.environ.get("GERYON_REGISTRY", "127.0.0.1:6675"),
-        parse=lambda v: parse_hostport(v) and v,
+        parse=registry_address,
     )
     host = top.get("host", str, None, parse=_name) or _name_or(socket.gethostname())
     advertise = top.get("advertise", str, None, parse=_advertise) or host

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from geryon import errors
+from geryon.agent_config import registry_address
 from geryon.cli_announce import add_announce_commands
 from geryon.client import DEFAULT_REGISTRY, Client, WatchMessage
 from geryon.model import ROLES, Event, Service, validate_attr_name
@@ -57,12 +58,11 @@ def parse_attrs(items: Sequence[str] | None, *, wildcard: bool = False) -> dict[
     return out
 
 
-def registry_address(text: str) -> str:
-    """HOST:PORT, checked here so a typo is a usage error, not a retry loop."""
-    host, sep, port = text.rpartition(":")
-    if text.startswith("unix:") or (sep and host and port.isdigit() and 0 < int(port) < 65536):
-        return text
-    raise argparse.ArgumentTypeError(f"want HOST:PORT, got {text!r}")
+def _registry(text: str) -> str:
+    try:
+        return registry_address(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def text_line(s: Service) -> str:
@@ -249,7 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--registry",
-        type=registry_address,
+        type=_registry,
         default=os.environ.get("GERYON_REGISTRY", DEFAULT_REGISTRY),
         metavar="HOST:PORT",
         help=f"the registry (default $GERYON_REGISTRY or {DEFAULT_REGISTRY})",

@@ -51,6 +51,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from geryon import errors
+from geryon.agent_config import registry_address
 from geryon.client import DEFAULT_REGISTRY, Backoff, Client
 from geryon.model import Revision, Service, validate_name
 from geryon.ndb import Database, NdbError
@@ -556,6 +557,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument(
         "--registry",
+        type=registry_address,
         default=os.environ.get("GERYON_REGISTRY", DEFAULT_REGISTRY),
         metavar="HOST:PORT",
         help=f"the registry (default $GERYON_REGISTRY or {DEFAULT_REGISTRY})",
@@ -623,10 +625,7 @@ def main(argv: list[str] | None = None) -> None:
         # state to keep yet. (Later bad edits are logged and waited out.)
         Database.open(args.ndb)
         sys.exit(asyncio.run(_serve(args)))
-    except NdbError as exc:
-        print(f"geryon-reconciler: {exc}", file=sys.stderr)
-        sys.exit(1)
-    except errors.GeryonError as exc:
+    except (NdbError, errors.GeryonError) as exc:
         print(f"geryon-reconciler: {exc}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:

@@ -479,3 +479,14 @@ def test_main_refuses_a_file_that_does_not_read(
         main(["--registry", "127.0.0.1:1", "--ndb", str(bad)])
     assert e.value.code == 1
     assert capsys.readouterr().err == f"geryon-reconciler: {bad}:2: unterminated quote\n"
+
+
+def test_main_refuses_a_registry_address_that_is_not_one(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from geryon.reconciler import main
+
+    with pytest.raises(SystemExit) as e:  # not a retry loop against nothing
+        main(["--registry", "no:such:addr", "--ndb", str(ndb_file(tmp_path, CLUSTER))])
+    assert e.value.code == 2
+    assert "argument --registry" in capsys.readouterr().err

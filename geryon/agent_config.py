@@ -5,7 +5,8 @@ Every mistake is reported as ``FILE: KEY: what is wrong``, all of them at once,
 so a node's operator fixes the file in one pass. The parsed config is plain
 frozen data: the agent compares two of them to apply a SIGHUP's difference.
 
-    registry = "reghost:6675"   # HOST:PORT (default $GERYON_REGISTRY)
+    registry = "reghost:6675"   # HOST:PORT, or a list of a registry's fronts
+                                # (default $GERYON_REGISTRY)
     host = "host0"              # this node's name (default: the hostname)
     advertise = "10.0.0.5"      # what others dial (default: host)
     tls_dir = "/etc/geryon"     # identity for the registry (default: plain text)
@@ -51,6 +52,7 @@ from dataclasses import KW_ONLY, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from geryon.endpoints import registry_address
 from geryon.errors import InvalidArgument
 from geryon.model import validate_attr_name
 
@@ -164,22 +166,6 @@ def parse_listen_addr(text: str) -> ListenAddr:
     if not parts[2].isdigit() or not 0 <= int(parts[2]) <= 65535:
         raise ValueError(f"bad address {text!r}: port {parts[2]!r} is not 0..65535")
     return ListenAddr(parts[1], int(parts[2]))
-
-
-def parse_hostport(text: str) -> tuple[str, int]:
-    host, sep, port = text.rpartition(":")
-    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
-        raise ValueError(f"bad address {text!r} (want HOST:PORT)")
-    return host, int(port)
-
-
-def registry_address(text: str) -> str:
-    """A registry to dial, HOST:PORT or unix:PATH, checked so that a typo is
-    an error at once rather than a connection retried for ever."""
-    if not text.startswith("unix:"):
-        parse_hostport(text)
-    return text
 
 
 # ---- the parsed config -----------------------------------------------------
@@ -442,7 +428,7 @@ def parse(data: Mapping[str, Any], path: Path) -> AgentConfig:
     top = _Table(data, "", problems, file)
     registry = top.get(
         "registry",
-        str,
+        (str, list),
         os.environ.get("GERYON_REGISTRY", "127.0.0.1:6675"),
         parse=registry_address,
     )

@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from geryon import errors
-from geryon.agent_config import registry_address
 from geryon.cli_announce import add_announce_commands
 from geryon.client import DEFAULT_REGISTRY, Client, WatchMessage
+from geryon.endpoints import registry_address
 from geryon.model import ROLES, Event, Service, validate_attr_name
 from geryon.ndb import quote
 from geryon.resolve import add_resolve_command
@@ -251,8 +251,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--registry",
         type=_registry,
         default=os.environ.get("GERYON_REGISTRY", DEFAULT_REGISTRY),
-        metavar="HOST:PORT",
-        help=f"the registry (default $GERYON_REGISTRY or {DEFAULT_REGISTRY})",
+        metavar="HOST:PORT[,...]",
+        help="the registry, or its fronts tried in turn "
+        f"(default $GERYON_REGISTRY or {DEFAULT_REGISTRY})",
     )
     p.add_argument(
         "--tls-dir",

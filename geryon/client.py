@@ -5,6 +5,11 @@ never grpc types. Transient failures (UNAVAILABLE, DEADLINE_EXCEEDED,
 CANCELLED) are retried with exponential backoff and jitter; terminal ones are
 raised at once.
 
+A registry may have several endpoints (fronts over one etcd cluster,
+``A:P,B:P``): the client uses the first, and moves to the next whenever one
+fails with a transient error; calls are retried there, and the streams below
+resume there.
+
 Two long-lived helpers carry the registry's streaming contracts:
 - ``Lease`` keeps a lease alive in the background across registry restarts
   and says explicitly (``lost``) when the registry declares it gone.
@@ -33,7 +38,7 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
-from geryon import errors
+from geryon import endpoints, errors
 from geryon.convert import RESUME_KEY, event_from_pb, pb, pb_grpc, service_from_pb
 from geryon.model import Event, LeaseID, Revision, Service
 
@@ -46,6 +51,9 @@ DEFAULT_REGISTRY = "127.0.0.1:6675"
 def error_from_rpc(exc: grpc.aio.AioRpcError) -> errors.GeryonError:
     """Map a gRPC status back to the domain error it stands for."""
     cls = errors.BY_CODE.get(exc.code().name, errors.Internal)
+    if exc.code() == grpc.StatusCode.UNKNOWN and (exc.details() or "").startswith("Stream removed"):
+        # grpc's word for a connection lost under a call (a server killed).
+        cls = errors.Unavailable
     resume = 0
     for key, value in exc.trailing_metadata() or ():
         if key == RESUME_KEY:
@@ -113,10 +121,11 @@ class WatchMessage:
 
 
 class Client:
-    """A connection to one registry.
+    """A connection to one registry, at any of its endpoints.
 
-    ``retry_for`` bounds how long a call keeps retrying transient failures
-    before it raises them.
+    ``target`` is ``HOST:PORT[,HOST:PORT...]`` or ``unix:PATH`` (default
+    $GERYON_REGISTRY). ``retry_for`` bounds how long a call keeps retrying
+    transient failures before it raises them.
     """
 
     def __init__(
@@ -129,6 +138,7 @@ class Client:
         own_connection: bool = False,
     ) -> None:
         self.target = target or os.environ.get("GERYON_REGISTRY") or DEFAULT_REGISTRY
+        self.targets = endpoints.split(self.target) or [self.target]
         if tls_dir is None:
             tls_dir = os.environ.get("GERYON_TLS_DIR")
         self.tls_dir = Path(tls_dir) if tls_dir else None  # "" forces plain text
@@ -147,15 +157,54 @@ class Client:
             # grpc shares one TCP connection between channels to one address
             # unless each channel keeps its own subchannel pool.
             options.append(("grpc.use_local_subchannel_pool", 1))
+        self._options = options
+        self._credentials: grpc.ChannelCredentials | None = None
         if self.tls_dir is not None:
             from geryon import tls
 
-            self.channel = grpc.aio.secure_channel(
-                self.target, tls.channel_credentials(self.tls_dir), options=options
+            self._credentials = tls.channel_credentials(self.tls_dir)
+        self._channels: dict[int, grpc.aio.Channel] = {}
+        self._current = 0
+
+    def endpoint(self) -> tuple[int, pb_grpc.RegistryStub]:
+        """The endpoint in use: (its index, a stub on it)."""
+        i = self._current
+        return i, pb_grpc.RegistryStub(self._channel(i))
+
+    def _channel(self, i: int) -> grpc.aio.Channel:
+        channel = self._channels.get(i)
+        if channel is None:
+            target = self.targets[i]
+            if self._credentials is not None:
+                channel = grpc.aio.secure_channel(target, self._credentials, options=self._options)
+            else:
+                channel = grpc.aio.insecure_channel(target, options=self._options)
+            self._channels[i] = channel
+        return channel
+
+    @property
+    def channel(self) -> grpc.aio.Channel:
+        """The channel to the endpoint in use."""
+        return self._channel(self._current)
+
+    @property
+    def stub(self) -> pb_grpc.RegistryStub:
+        """A stub on the endpoint in use (no retries, no failover)."""
+        return self.endpoint()[1]
+
+    def failed(self, i: int, exc: BaseException) -> None:
+        """Endpoint ``i`` failed with ``exc``: after a transient failure the
+        next call goes to the next endpoint."""
+        if (
+            len(self.targets) > 1
+            and i == self._current
+            and isinstance(exc, errors.GeryonError)
+            and exc.transient
+        ):
+            self._current = (i + 1) % len(self.targets)
+            log.info(
+                "registry %s: %s; trying %s", self.targets[i], exc, self.targets[self._current]
             )
-        else:
-            self.channel = grpc.aio.insecure_channel(self.target, options=options)
-        self.stub = pb_grpc.RegistryStub(self.channel)
 
     async def __aenter__(self) -> Client:
         return self
@@ -164,22 +213,28 @@ class Client:
         await self.close()
 
     async def close(self) -> None:
-        await self.channel.close()
+        for channel in self._channels.values():
+            await channel.close()
+        self._channels.clear()
 
     # ---- plumbing -----------------------------------------------------------
 
-    async def _once(self, call: Callable[..., Awaitable[T]], request: object) -> T:
+    async def _once(self, method: str, request: object) -> T:
+        i, stub = self.endpoint()
+        call: Callable[..., Awaitable[T]] = getattr(stub, method)
         try:
             return await call(request, metadata=self.metadata, timeout=self.retry_for)
         except grpc.aio.AioRpcError as exc:
-            raise error_from_rpc(exc) from exc
+            err = error_from_rpc(exc)
+            self.failed(i, err)
+            raise err from exc
 
-    async def _call(self, call: Callable[..., Awaitable[T]], kind: type, **fields: object) -> T:
+    async def _call(self, method: str, kind: type, **fields: object) -> T:
         request = build(kind, **fields)
         # The first try runs outside tenacity: its per-call machinery would
         # cost more than the RPC itself on the common, successful path.
         try:
-            return await self._once(call, request)
+            return await self._once(method, request)
         except errors.GeryonError as exc:
             if not exc.transient:
                 raise
@@ -190,7 +245,7 @@ class Client:
             reraise=True,
         ):
             with attempt:
-                return await self._once(call, request)
+                return await self._once(method, request)
         raise AssertionError("unreachable")
 
     # ---- services -----------------------------------------------------------
@@ -207,7 +262,7 @@ class Client:
         # With create_only, a retry after a lost reply may find the entry its
         # first try made: FailedPrecondition then means "re-read", as any fence.
         r = await self._call(
-            self.stub.Register,
+            "Register",
             pb.RegisterRequest,
             name=name,
             attrs=attrs or {},
@@ -226,7 +281,7 @@ class Client:
         expected_mod_revision: Revision = 0,
     ) -> Service:
         r = await self._call(
-            self.stub.Update,
+            "Update",
             pb.UpdateRequest,
             name=name,
             set_attrs=set_attrs or {},
@@ -237,7 +292,7 @@ class Client:
 
     async def unregister(self, name: str, *, expected_mod_revision: Revision = 0) -> Service:
         r = await self._call(
-            self.stub.Unregister,
+            "Unregister",
             pb.UnregisterRequest,
             name=name,
             expected_mod_revision=expected_mod_revision,
@@ -245,7 +300,7 @@ class Client:
         return service_from_pb(r.service)
 
     async def get(self, name: str) -> Service:
-        r = await self._call(self.stub.Get, pb.GetRequest, name=name)
+        r = await self._call("Get", pb.GetRequest, name=name)
         return service_from_pb(r.service)
 
     async def find(
@@ -253,21 +308,21 @@ class Client:
     ) -> tuple[list[Service], Revision]:
         """Services matching every attr (``*`` any value) and the prefix,
         sorted by name, with the revision they were read at."""
-        r = await self._call(self.stub.Find, pb.FindRequest, attrs=attrs or {}, prefix=prefix)
+        r = await self._call("Find", pb.FindRequest, attrs=attrs or {}, prefix=prefix)
         return [service_from_pb(s) for s in r.services], r.header.revision
 
     # ---- leases -------------------------------------------------------------
 
     async def grant(self, ttl_ms: int) -> LeaseID:
-        r = await self._call(self.stub.Grant, pb.GrantRequest, ttl_ms=ttl_ms)
+        r = await self._call("Grant", pb.GrantRequest, ttl_ms=ttl_ms)
         return r.lease
 
     async def revoke(self, lease: LeaseID) -> int:
-        r = await self._call(self.stub.Revoke, pb.RevokeRequest, lease=lease)
+        r = await self._call("Revoke", pb.RevokeRequest, lease=lease)
         return r.deleted
 
     async def leases(self) -> list[LeaseInfo]:
-        r = await self._call(self.stub.Leases, pb.LeasesRequest)
+        r = await self._call("Leases", pb.LeasesRequest)
         return [LeaseInfo(x.lease, x.ttl_ms, x.remaining_ms, x.owner, x.services) for x in r.leases]
 
     def lease(self, ttl_ms: int = 5000) -> Lease:
@@ -376,7 +431,8 @@ class Lease:
     async def _stream(self, interval: float) -> None:
         # Writes from a task rather than a request generator: grpc closing a
         # generator that is mid-sleep makes asyncio log noise on every reconnect.
-        call = self.client.stub.KeepAlive(metadata=self.client.metadata)
+        endpoint, stub = self.client.endpoint()
+        call = stub.KeepAlive(metadata=self.client.metadata)
 
         async def renew() -> None:
             with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
@@ -396,11 +452,15 @@ class Lease:
                     self.connected.set()
                     self.changed.set()
         except grpc.aio.AioRpcError as exc:
-            raise error_from_rpc(exc) from exc
+            err = error_from_rpc(exc)
+            self.client.failed(endpoint, err)
+            raise err from exc
         finally:
             writer.cancel()
             call.cancel()
-        raise errors.Unavailable("keepalive stream ended")
+        err = errors.Unavailable("keepalive stream ended")
+        self.client.failed(endpoint, err)
+        raise err
 
 
 class Watch:
@@ -474,7 +534,8 @@ class Watch:
         )
         requests = self._requests
 
-        call = self.client.stub.Watch(metadata=self.client.metadata)
+        endpoint, stub = self.client.endpoint()
+        call = stub.Watch(metadata=self.client.metadata)
         self._call = call
 
         async def send() -> None:  # a task, not a request generator (see Lease)
@@ -509,7 +570,9 @@ class Watch:
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.CANCELLED and self._closed:
                 return
-            raise error_from_rpc(exc) from exc
+            err = error_from_rpc(exc)
+            self.client.failed(endpoint, err)
+            raise err from exc
         finally:
             writer.cancel()
             call.cancel()

@@ -1,15 +1,24 @@
-"""`make demo`: a small live cluster on this machine, narrated.
+"""`make demo` and `make demo-ha`: a small live cluster on this machine, narrated.
 
-It makes a cluster CA in .demo/, starts geryon-registryd with TLS on a
-loopback port, two node agents (host0, host1: two chunks and a cpu listener
-each), and the reconciler naming the chunks from an ndb file; then it shows
-ls, a live ndb edit, a master chunk's failover and failback, an agent killed
-with kill -9, and a registry restart that loses nothing. On a terminal it
-keeps the cluster up until Ctrl-C; without one (CI) it stops by itself.
+`make demo` makes a cluster CA in .demo/, starts geryon-registryd with TLS on
+a loopback port (the embedded store), two node agents (host0, host1: two
+chunks and a cpu listener each), and the reconciler naming the chunks from an
+ndb file; then it shows ls, a live ndb edit, a master chunk's failover and
+failback, an agent killed with kill -9, and a registry restart that loses
+nothing.
+
+`make demo-ha` (``--ha``) runs the registry as two fronts over a
+three-member etcd cluster on loopback, with both agents and the reconciler
+connected to both fronts, then kills a front and the etcd leader with
+kill -9 while a loop resolves a disk name, and counts what it saw.
+
+On a terminal the cluster stays up until Ctrl-C; without one (CI) it stops
+by itself.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -17,10 +26,11 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
-from geryon import tls
+from geryon import localetcd, tls
 
 ROOT = Path.cwd()
 BIN = Path(sys.executable).parent
@@ -35,13 +45,17 @@ def free_port() -> int:
 class Cluster:
     """The demo's processes; every one is stopped on exit."""
 
-    def __init__(self, home: Path) -> None:
+    def __init__(self, home: Path, *, fronts: int = 1) -> None:
         self.home = home
         self.procs: dict[str, subprocess.Popen] = {}
-        self.port = free_port()
+        # One registry, or several fronts over etcd (self.etcd, when started).
+        self.ports = [free_port() for _ in range(fronts)]
+        self.port = self.ports[0]
+        self.etcd: localetcd.Cluster | None = None
+        self.address = ",".join(f"127.0.0.1:{p}" for p in self.ports)
         self.env = {
             **os.environ,
-            "GERYON_REGISTRY": f"127.0.0.1:{self.port}",
+            "GERYON_REGISTRY": self.address,
             "GERYON_TLS_DIR": str(home / "id" / "admin"),
         }
 
@@ -70,18 +84,23 @@ class Cluster:
                 raise SystemExit(f"demo: {name} did not start:\n{log.read_text()}")
             time.sleep(0.05)
 
-    def registry(self) -> None:
-        log = self.home / "registry.log"
+    def registry(self, front: int = 0) -> None:
+        """Start the registry (or, over etcd, front number ``front``)."""
+        name = f"registry{front}" if self.etcd else "registry"
+        log = self.home / f"{name}.log"
         if log.exists():
             log.write_text("")
+        if self.etcd is None:
+            store = ["--data-dir", str(self.home / "registry")]
+        else:
+            store = ["--etcd", self.etcd.endpoints]
         self.start(
-            "registry",
+            name,
             [
                 str(BIN / "geryon-registryd"),
                 "--listen",
-                f"127.0.0.1:{self.port}",
-                "--data-dir",
-                str(self.home / "registry"),
+                f"127.0.0.1:{self.ports[front]}",
+                *store,
                 "--tls-dir",
                 str(self.home / "id" / "registry"),
             ],
@@ -104,6 +123,8 @@ class Cluster:
             except subprocess.TimeoutExpired:
                 proc.kill()
         self.procs.clear()
+        if self.etcd is not None:
+            self.etcd.stop()
 
     def run(self, *args: str, show: bool = True) -> str:
         if show:
@@ -151,8 +172,9 @@ name=scratch kfs
 def agent_config(c: Cluster, host: str) -> Path:
     chunks = c.home / "chunks" / host
     chunks.mkdir(parents=True, exist_ok=True)
+    fronts = ", ".join(f'"127.0.0.1:{p}"' for p in c.ports)
     lines = [
-        f'registry = "127.0.0.1:{c.port}"',
+        f"registry = [{fronts}]" if len(c.ports) > 1 else f'registry = "127.0.0.1:{c.port}"',
         f'host = "{host}"',
         'advertise = "127.0.0.1"',
         f'tls_dir = "{c.home / "id" / host}"',
@@ -289,15 +311,131 @@ def tour(c: Cluster) -> None:
     print("".join(events[-10:]), end="", flush=True)
 
 
-def main() -> None:
+class Resolver(threading.Thread):
+    """`geryon resolve NAME` in a loop, as a user would, counting answers."""
+
+    def __init__(self, c: Cluster, name: str) -> None:
+        super().__init__(daemon=True)
+        self.c, self.name = c, name
+        self.ok = self.failed = 0
+        self.slowest = 0.0
+        self.answers: set[str] = set()
+        self.errors: list[str] = []
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        while not self.done.is_set():
+            started = time.monotonic()
+            r = subprocess.run(
+                [str(BIN / "geryon"), "resolve", self.name],
+                env=self.c.env,
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            took = time.monotonic() - started
+            self.slowest = max(self.slowest, took)
+            if r.returncode == 0:
+                self.ok += 1
+                self.answers.add(r.stdout.strip())
+            else:
+                self.failed += 1
+                self.errors.append(r.stderr.strip())
+            time.sleep(0.2)
+
+    def report(self) -> str:
+        seen = ", ".join(sorted(self.answers))
+        return (
+            f"{self.name} resolved {self.ok} of {self.ok + self.failed} times "
+            f"(slowest answer {self.slowest:.1f}s; addresses seen: {seen})"
+        ) + "".join(f"\n  failed: {e}" for e in self.errors)
+
+
+def tour_ha(c: Cluster) -> None:
+    assert c.etcd is not None
+    say("a three-member etcd cluster on loopback, and two registry fronts over it")
+    leader = c.etcd.leader()
+    print(f"etcd {localetcd.version()}: members {c.etcd.endpoints}; leader {leader.name}")
+    print(f"registry fronts: GERYON_REGISTRY={c.address}")
+    c.run("ls")
+
+    say("two nodes, each agent connected to both fronts; the reconciler too")
+    for host in ("host0", "host1"):
+        agent_config(c, host)
+        start_agent(c, host)
+    print((c.home / "host0.toml").read_text().split("\n\n")[0])
+    ndb = c.home / "cluster"
+    ndb.write_text(CLUSTER_NDB)
+    c.start(
+        "reconciler",
+        [str(BIN / "geryon-reconciler"), "--ndb", str(ndb)],
+        "reconciler: watching",
+    )
+    wait_for(c, "d1.replica", "ls", "-n", "--attr", "managed-by=reconciler")
+    c.run("ls", "--attr", "kfs")
+    c.run("resolve", "d0.mbox")
+
+    watch_log = c.home / "watch.log"
+    with open(watch_log, "w") as out:
+        c.procs["watch"] = subprocess.Popen(
+            [str(BIN / "geryon"), "watch"], stdout=out, stderr=subprocess.STDOUT, env=c.env
+        )
+    resolver = Resolver(c, "d0.mbox")
+    resolver.start()
+    time.sleep(1)
+
+    say("front 0 is killed with kill -9: agents, reconciler and clients move to front 1")
+    c.kill9("registry0")
+    time.sleep(3)
+    c.run("ls", "-n", "--attr", "kfs")
+    moved = [
+        line
+        for name in ("agent-host0", "agent-host1", "reconciler")
+        for line in (c.home / f"{name}.log").read_text().splitlines()
+        if "trying" in line
+    ]
+    print("\n".join(moved[-3:]))
+
+    say("front 0 comes back; then the etcd leader is killed with kill -9")
+    c.registry(0)
+    leader = c.etcd.leader()
+    leader.kill9()
+    print(f"killed etcd {leader.name}; the others elect {c.etcd.leader().name}")
+    time.sleep(3)
+    c.run("ls", "-n", "--attr", "kfs")
+    c.run("resolve", "d0.mbox")
+
+    resolver.done.set()
+    resolver.join(70)
+    c.procs["watch"].send_signal(signal.SIGINT)
+    c.procs.pop("watch").wait(10)
+    events = [
+        line for line in watch_log.read_text().splitlines() if line.startswith(("PUT", "DELETE"))
+    ]
+    say("what the loop and the watcher saw")
+    print(resolver.report())
+    print(f"watch events while all this happened: {len(events)} (no entry lost or re-made)")
+    print("\n".join(events[-5:]))
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m geryon.demo", description=__doc__.split("\n")[0])
+    p.add_argument("--ha", action="store_true", help="two fronts over a three-member etcd")
+    args = p.parse_args(argv)
     home = ROOT / ".demo"
     shutil.rmtree(home, ignore_errors=True)
     home.mkdir()
-    c = Cluster(home)
+    c = Cluster(home, fronts=2 if args.ha else 1)
     try:
         c.pki()
-        c.registry()
-        tour(c)
+        if args.ha:
+            c.etcd = localetcd.Cluster(home / "etcd").start()
+            for front in range(len(c.ports)):
+                c.registry(front)
+            tour_ha(c)
+        else:
+            c.registry()
+            tour(c)
         if sys.stdin.isatty() and os.environ.get("CI") != "true":
             say(
                 f"the cluster stays up: GERYON_REGISTRY={c.env['GERYON_REGISTRY']} "

@@ -58,9 +58,9 @@ class Lease:
     owner: str
     deadline: float = 0.0
     services: set[str] = field(default_factory=set)
-    # The KeepAlive stream that renewed it last: when that stream's client
-    # goes away, the lease ends at once.
-    holder: object | None = None
+    # The token of the KeepAlive stream that renewed it last: when that
+    # stream's client goes away, the lease ends at once.
+    holder: str | None = None
 
 
 class EventType(enum.Enum):

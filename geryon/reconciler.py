@@ -51,8 +51,8 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from geryon import errors
-from geryon.agent_config import registry_address
 from geryon.client import DEFAULT_REGISTRY, Backoff, Client
+from geryon.endpoints import registry_address
 from geryon.model import Revision, Service, validate_name
 from geryon.ndb import Database, NdbError
 
@@ -559,8 +559,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--registry",
         type=registry_address,
         default=os.environ.get("GERYON_REGISTRY", DEFAULT_REGISTRY),
-        metavar="HOST:PORT",
-        help=f"the registry (default $GERYON_REGISTRY or {DEFAULT_REGISTRY})",
+        metavar="HOST:PORT[,...]",
+        help="the registry, or its fronts tried in turn "
+        f"(default $GERYON_REGISTRY or {DEFAULT_REGISTRY})",
     )
     p.add_argument(
         "--tls-dir",

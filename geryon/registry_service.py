@@ -3,8 +3,9 @@ the watch hub.
 
 Each method checks its request, calls the domain, maps a domain error to a
 status code (the one table: ``GeryonError.code``) and converts the answer.
-Nothing here decides what the registry means; that lives in store.py and
-watch.py, which are tested without a network.
+Nothing here decides what the registry means; that lives in the store and
+watch.py, which are tested without a network, and the servicer does not know
+which store backend runs.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
+import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -29,7 +30,7 @@ from geryon.errors import (
 )
 from geryon.model import Caller, Event, Filter, Revision, validate_filter
 from geryon.quota import Quota
-from geryon.store import Store, wait
+from geryon.store import Store, Written
 from geryon.watch import Hub, Watcher
 
 log = logging.getLogger("geryon.registryd")
@@ -96,6 +97,7 @@ class RegistryService(pb_grpc.RegistryServicer):
         # Open streams by caller, so a newly denied identity can be cut off.
         self._wire_cache: dict[int, tuple[Event, pb.Event]] = {}
         self.streams: dict[object, tuple[Caller, Callable[[GeryonError], None]]] = {}
+        self._releases: set[asyncio.Task[None]] = set()
         # Set before the server stops, so streams it ends do not look like
         # clients that went away (which would end their leases).
         self.stopping = False
@@ -117,13 +119,14 @@ class RegistryService(pb_grpc.RegistryServicer):
             raise PermissionDenied(f"{caller.role} {caller.name} may not {what}")
         self.writes.take(caller.name, what)
 
-    async def _mutated(self, caller: Caller, what: str, target: object, result: tuple[T, Any]) -> T:
-        value, durable = result
-        await wait(durable)
+    async def _mutated(
+        self, caller: Caller, what: str, target: object, write: Awaitable[Written[T]]
+    ) -> Written[T]:
+        written = await write
         # DEBUG, not INFO: at thousands of writes a second the log line would
         # cost more than the write's own work.
         log.debug("registryd: %s %s by %s %s", what, target, caller.role, caller.name)
-        return value
+        return written
 
     # ---- services -----------------------------------------------------------
 
@@ -136,8 +139,7 @@ class RegistryService(pb_grpc.RegistryServicer):
                 )
             # A no-op (the same entry again) makes no revision: its header is
             # the revision it was decided at, not the entry's older mod_revision.
-            decided_at = self.store.revision
-            s = await self._mutated(
+            s, revision = await self._mutated(
                 caller,
                 "register",
                 request.name,
@@ -150,17 +152,14 @@ class RegistryService(pb_grpc.RegistryServicer):
                     create_only=request.create_only,
                 ),
             )
-            return pb.RegisterResponse(
-                header=header(max(s.mod_revision, decided_at)), service=service_to_pb(s)
-            )
+            return pb.RegisterResponse(header=header(revision), service=service_to_pb(s))
 
         return await self._call(context, do)
 
     async def Update(self, request: pb.UpdateRequest, context: Any) -> pb.UpdateResponse:
         async def do(caller: Caller) -> pb.UpdateResponse:
             self._may_write(caller, "update")
-            decided_at = self.store.revision  # as in Register: for a no-op
-            s = await self._mutated(
+            s, revision = await self._mutated(
                 caller,
                 "update",
                 request.name,
@@ -172,9 +171,7 @@ class RegistryService(pb_grpc.RegistryServicer):
                     caller=caller,
                 ),
             )
-            return pb.UpdateResponse(
-                header=header(max(s.mod_revision, decided_at)), service=service_to_pb(s)
-            )
+            return pb.UpdateResponse(header=header(revision), service=service_to_pb(s))
 
         return await self._call(context, do)
 
@@ -183,7 +180,7 @@ class RegistryService(pb_grpc.RegistryServicer):
     ) -> pb.UnregisterResponse:
         async def do(caller: Caller) -> pb.UnregisterResponse:
             self._may_write(caller, "unregister")
-            s = await self._mutated(
+            s, revision = await self._mutated(
                 caller,
                 "unregister",
                 request.name,
@@ -193,24 +190,22 @@ class RegistryService(pb_grpc.RegistryServicer):
                     caller=caller,
                 ),
             )
-            return pb.UnregisterResponse(
-                header=header(self.store.durable_revision), service=service_to_pb(s)
-            )
+            # The header is the revision that removed it.
+            return pb.UnregisterResponse(header=header(revision), service=service_to_pb(s))
 
         return await self._call(context, do)
 
     async def Get(self, request: pb.GetRequest, context: Any) -> pb.GetResponse:
         async def do(caller: Caller) -> pb.GetResponse:
-            s = self.store.get(request.name)
-            revision = await self.store.sync()
+            s, revision = await self.store.read(lambda: self.store.get(request.name))
             return pb.GetResponse(header=header(revision), service=service_to_pb(s))
 
         return await self._call(context, do)
 
     async def Find(self, request: pb.FindRequest, context: Any) -> pb.FindResponse:
         async def do(caller: Caller) -> pb.FindResponse:
-            found = self.store.find(validate_filter(request.attrs, request.prefix))
-            revision = await self.store.sync()
+            flt = validate_filter(request.attrs, request.prefix)
+            found, revision = await self.store.read(lambda: self.store.find(flt))
             return pb.FindResponse(
                 header=header(revision), services=[service_to_pb(s) for s in found]
             )
@@ -222,7 +217,7 @@ class RegistryService(pb_grpc.RegistryServicer):
     async def Grant(self, request: pb.GrantRequest, context: Any) -> pb.GrantResponse:
         async def do(caller: Caller) -> pb.GrantResponse:
             self._may_write(caller, "grant leases")
-            lease = await self._mutated(
+            lease, _ = await self._mutated(
                 caller,
                 "grant lease with ttl_ms",
                 request.ttl_ms,
@@ -237,31 +232,34 @@ class RegistryService(pb_grpc.RegistryServicer):
     async def Revoke(self, request: pb.RevokeRequest, context: Any) -> pb.RevokeResponse:
         async def do(caller: Caller) -> pb.RevokeResponse:
             self._may_write(caller, "revoke leases")
-            deleted = await self._mutated(
+            deleted, revision = await self._mutated(
                 caller,
                 "revoke lease",
                 request.lease,
                 self.store.revoke(request.lease, caller=caller),
             )
-            return pb.RevokeResponse(header=header(self.store.durable_revision), deleted=deleted)
+            # The header is the revision that deleted its services.
+            return pb.RevokeResponse(header=header(revision), deleted=deleted)
 
         return await self._call(context, do)
 
     async def Leases(self, request: pb.LeasesRequest, context: Any) -> pb.LeasesResponse:
         async def do(caller: Caller) -> pb.LeasesResponse:
-            now = time.monotonic()
-            leases = [
+            leases, revision = await self.store.read(
+                lambda: [(lease, len(lease.services)) for lease in self.store.lease_list()]
+            )
+            remaining = await self.store.remaining_ms([lease for lease, _ in leases])
+            infos = [
                 pb.LeaseInfo(
                     lease=lease.id,
                     ttl_ms=lease.ttl_ms,
-                    remaining_ms=max(0, int((lease.deadline - now) * 1000)),
+                    remaining_ms=left,
                     owner=lease.owner,
-                    services=len(lease.services),
+                    services=services,
                 )
-                for lease in self.store.lease_list()
+                for (lease, services), left in zip(leases, remaining, strict=True)
             ]
-            revision = await self.store.sync()
-            return pb.LeasesResponse(header=header(revision), leases=leases)
+            return pb.LeasesResponse(header=header(revision), leases=infos)
 
         return await self._call(context, do)
 
@@ -270,7 +268,7 @@ class RegistryService(pb_grpc.RegistryServicer):
     ) -> AsyncIterator[pb.KeepAliveResponse]:
         # The stream holds every lease it renews; a lease renewed later on
         # another stream moves there, so only the newest holder's end counts.
-        token = object()
+        token = secrets.token_hex(8)
         held: set[int] = set()
         rate = Quota(self.keepalive_rate)  # per stream
         # The registry ends a stream (shutdown, a denied caller) through this,
@@ -294,10 +292,9 @@ class RegistryService(pb_grpc.RegistryServicer):
                     client_gone = True  # the client closed its side
                     break
                 rate.take(caller.name, "keepalive")
-                ttl = self.store.keepalive(request.lease, caller=caller)
+                ttl = await self.store.keepalive(request.lease, caller=caller, holder=token)
                 if ttl:
                     held.add(request.lease)
-                    self.store.leases[request.lease].holder = token
                 yield pb.KeepAliveResponse(
                     header=header(self.store.durable_revision), lease=request.lease, ttl_ms=ttl
                 )
@@ -310,15 +307,23 @@ class RegistryService(pb_grpc.RegistryServicer):
             await _abort(context, exc)
         finally:
             self.streams.pop(token, None)
-            if client_gone and not self.stopping:
-                self._release(held, token)
+            if client_gone and held and not self.stopping:
+                # A task: this handler is being torn down, and ending a lease
+                # may mean a round trip to the store.
+                task = asyncio.create_task(self._release(held, token), name="lease-release")
+                self._releases.add(task)
+                task.add_done_callback(self._releases.discard)
 
-    def _release(self, held: set[int], token: object) -> None:
-        """The client side of a KeepAlive stream went away: end its leases now."""
+    async def _release(self, held: set[int], token: str) -> None:
+        """The client side of a KeepAlive stream went away: end its leases now
+        (those it still holds: a lease renewed on a newer stream since lives)."""
         for lid in held:
-            lease = self.store.leases.get(lid)
-            if lease is not None and lease.holder is token:
-                deleted, _ = self.store.revoke(lid, caller=None)
+            try:
+                deleted = await self.store.release(lid, holder=token)
+            except GeryonError as exc:  # the store is unreachable: the TTL ends it
+                log.warning("registryd: lease %d outlived its stream: %s", lid, exc)
+                continue
+            if deleted is not None:
                 log.info("registryd: lease %d ended with its stream (%d services)", lid, deleted)
 
     # ---- watch --------------------------------------------------------------
@@ -342,10 +347,15 @@ class RegistryService(pb_grpc.RegistryServicer):
                 )
             snapshot: list | None = None
             if create.snapshot:
-                # Taken at the applied revision; sent once that is durable.
-                at = self.store.revision
-                snapshot = self.store.find(flt)
-                watcher = self.hub.subscribe(flt, after=at, owner=caller.name)
+                # Taken and subscribed in one step, so no change falls between.
+                def take() -> list:
+                    nonlocal watcher
+                    at = self.store.revision
+                    watcher = self.hub.subscribe(flt, after=at, owner=caller.name)
+                    return self.store.find(flt)
+
+                snapshot, revision = await self.store.read(take)
+                assert watcher is not None
             else:
                 watcher = self._subscribe_from(flt, create.start_revision, caller)
             self.streams[watcher] = (caller, watcher.fail)
@@ -355,7 +365,6 @@ class RegistryService(pb_grpc.RegistryServicer):
                 progress.set()
             reader = asyncio.create_task(self._read_progress(request_iterator, progress, watcher))
             if snapshot is not None:
-                revision = await self.store.sync()
                 for i in range(0, len(snapshot), SNAPSHOT_CHUNK):
                     yield pb.WatchResponse(
                         header=header(revision),
@@ -441,6 +450,10 @@ class RegistryService(pb_grpc.RegistryServicer):
                 continue
             if progress.is_set() or loop.time() >= next_progress:
                 progress.clear()
+                # Nothing pending: every revision up to the durable one was
+                # offered (a revision none of its events touch, or with no
+                # service events at all, still counts as seen).
+                watcher.seen = max(watcher.seen, self.store.durable_revision)
                 watcher.delivered = max(watcher.delivered, watcher.seen)
                 yield pb.WatchResponse(
                     header=header(self.store.durable_revision),
@@ -485,6 +498,14 @@ class RegistryService(pb_grpc.RegistryServicer):
                 end(Unauthenticated(f"{caller.name}: certificate denied"))
                 n += 1
         return n
+
+    def store_lost(self, error: GeryonError) -> None:
+        """The store can no longer serve these streams in order: watches end
+        with ``error`` (OutOfRange: re-list; Unavailable: go elsewhere), and
+        with Unavailable KeepAlive streams too. No lease ends for it."""
+        for key, (_, end) in list(self.streams.items()):
+            if error.transient or isinstance(key, Watcher):
+                end(error)
 
     def shutdown(self) -> None:
         """End every stream with UNAVAILABLE, leaving leases alone."""

@@ -1,9 +1,10 @@
 """geryon-registryd: the registry daemon.
 
-Wires the store, the lease keeper, the watch hub and the servicer into a
-grpc.aio server with health checking and reflection, and shuts them down in
-stages on SIGTERM/SIGINT: stop accepting, end streams with UNAVAILABLE (leases
-left alone), flush the store, exit 0.
+Wires the store (SQLite in a data dir, or an etcd cluster shared with other
+fronts), the lease keeper, the watch hub and the servicer into a grpc.aio
+server with health checking and reflection, and shuts them down in stages on
+SIGTERM/SIGINT: stop accepting, end streams with UNAVAILABLE (leases left
+alone), flush the store, exit 0.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import logging
 import os
 import signal
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -25,13 +27,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
-from geryon import leases
+from geryon import endpoints, leases
 from geryon.convert import pb, pb_grpc
 from geryon.errors import GeryonError, Unauthenticated
 from geryon.model import Caller, validate_attrs, validate_name
 from geryon.quota import Quota
 from geryon.registry_service import RegistryService, local_admin_on_unix, plaintext_caller
-from geryon.store import Limits, Store, wait
+from geryon.store import Limits, Store
 from geryon.watch import DEFAULT_BACKLOG, Hub
 
 if TYPE_CHECKING:
@@ -66,7 +68,40 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--data-dir",
         type=Path,
         default=None,
-        help=f"where the durable store lives (default {default_data_dir()})",
+        help=f"where the embedded store lives (default {default_data_dir()})",
+    )
+    p.add_argument(
+        "--etcd",
+        metavar="HOST:PORT[,HOST:PORT...]",
+        help="keep the registry in this etcd v3 cluster instead of --data-dir; "
+        "any number of registries may serve the same cluster and prefix",
+    )
+    p.add_argument(
+        "--etcd-prefix",
+        default="/geryon/",
+        metavar="/PATH/",
+        help="the keys this registry owns in etcd (default /geryon/)",
+    )
+    p.add_argument(
+        "--etcd-tls-dir",
+        type=Path,
+        metavar="DIR",
+        help="client identity for etcd: ca.crt, cert.pem, key.pem (default: plain text)",
+    )
+    p.add_argument(
+        "--etcd-timeout",
+        type=float,
+        default=5.0,
+        metavar="SECONDS",
+        help="give up on etcd after this long and answer UNAVAILABLE (default 5)",
+    )
+    p.add_argument(
+        "--etcd-compact-interval",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="how often to compact etcd's history to the --history bounds "
+        "(one registry does it at a time; 0: never; default 60)",
     )
     p.add_argument(
         "-f",
@@ -147,6 +182,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     args = p.parse_args(argv)
     for flag, value, least in [
+        ("--etcd-timeout", args.etcd_timeout, 0.5),
+        ("--etcd-compact-interval", args.etcd_compact_interval, 0),
         ("--history", args.history, 1),
         ("--history-age", args.history_age, 1),
         ("--watch-backlog", args.watch_backlog, 1),
@@ -159,6 +196,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error(f"{flag}: want at least {least}, got {value}")
     if args.deny and not args.tls_dir:
         p.error("--deny: needs --tls-dir (over plain text nobody has a certificate to deny)")
+    if args.etcd is not None:
+        if args.data_dir is not None:
+            p.error("--etcd: the registry lives in etcd; --data-dir is for the embedded store")
+        try:
+            args.etcd = endpoints.parse(args.etcd)
+        except ValueError as exc:
+            p.error(f"--etcd: {exc}")
+        if not args.etcd_prefix.startswith("/") or not args.etcd_prefix.endswith("/"):
+            p.error(f"--etcd-prefix: want /PATH/, got {args.etcd_prefix!r}")
+    elif args.etcd_tls_dir is not None:
+        p.error("--etcd-tls-dir: needs --etcd")
     return args
 
 
@@ -202,19 +250,36 @@ async def load_static(store: Store, path: Path) -> int:
         except GeryonError as exc:
             raise GeryonError(f"{where}: {exc}") from None
         wanted[name] = (attrs, where)
-    durable = []
+    writes = []
     for name, (attrs, _) in wanted.items():
         existing = store.services.get(name)
         if existing is not None and existing.owner != STATIC_OWNER:
             log.warning("registryd: -f: %s is registered by %s; left alone", name, existing.owner)
             continue
-        durable.append(store.register(name, attrs, lease=0, persist=True, caller=caller)[1])
+        writes.append(store.register(name, attrs, lease=0, persist=True, caller=caller))
     for s in list(store.services.values()):
         if s.owner == STATIC_OWNER and s.name not in wanted:
-            durable.append(store.unregister(s.name, expected_mod_revision=0, caller=caller)[1])
-    for d in durable:
-        await wait(d)
+            writes.append(store.unregister(s.name, expected_mod_revision=0, caller=caller))
+    await asyncio.gather(*writes)
     return len(wanted)
+
+
+async def open_store(args: argparse.Namespace) -> Store:
+    limits = Limits(history_events=args.history, history_age_s=args.history_age)
+    if args.etcd:
+        from geryon.store.etcd import EtcdStore
+
+        return await EtcdStore.open(
+            args.etcd,
+            prefix=args.etcd_prefix,
+            tls_dir=args.etcd_tls_dir,
+            limits=limits,
+            give_up_after=args.etcd_timeout,
+            compact_interval=args.etcd_compact_interval,
+        )
+    from geryon.store.sqlite import SQLiteStore
+
+    return await SQLiteStore.open(args.data_dir or default_data_dir(), limits=limits)
 
 
 async def serve(args: argparse.Namespace) -> int:
@@ -226,10 +291,7 @@ async def serve(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    data_dir = args.data_dir or default_data_dir()
-    store = await Store.open(
-        data_dir, limits=Limits(history_events=args.history, history_age_s=args.history_age)
-    )
+    store = await open_store(args)
     hub = Hub(backlog=args.watch_backlog)
     store.on_commit.append(hub.publish)
     deny = credentials = None
@@ -247,6 +309,7 @@ async def serve(args: argparse.Namespace) -> int:
         writes=Quota(args.write_rate),
         keepalive_rate=args.keepalive_rate,
     )
+    store.on_lost.append(servicer.store_lost)
     if args.static:
         n = await load_static(store, args.static)
         log.info("registryd: loaded %d static services from %s", n, args.static)
@@ -295,11 +358,18 @@ async def serve(args: argparse.Namespace) -> int:
         raise GeryonError(
             f"--listen {args.listen}: cannot listen there (in use, or not this machine's)"
         ) from None
+    private: tempfile.TemporaryDirectory[str] | None = None
     if args.ndb:
         # --ndb: the reconciler runs in here as a plain client of a private unix
-        # socket in the 0700 data dir; callers on it are the local admin "reconciler".
-        data_dir.chmod(0o700)
-        sock = data_dir / "reconciler.sock"
+        # socket in a 0700 directory (the data dir; with etcd, a temporary
+        # one); callers on it are the local admin "reconciler".
+        if args.etcd:
+            private = tempfile.TemporaryDirectory(prefix="geryon-registryd-")
+            sock_dir = Path(private.name)
+        else:
+            sock_dir = args.data_dir or default_data_dir()
+        sock_dir.chmod(0o700)
+        sock = sock_dir / "reconciler.sock"
         try:
             server.add_insecure_port(f"unix:{sock}")
         except RuntimeError:
@@ -307,12 +377,27 @@ async def serve(args: argparse.Namespace) -> int:
         servicer.authenticate = local_admin_on_unix(servicer.authenticate, "reconciler")
     await server.start()
     await health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+    await health.set("", health_pb2.HealthCheckResponse.SERVING)
+    health_tasks: set[asyncio.Task[None]] = set()
+
+    def follow_health(cause: str | None) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if cause is None
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in (SERVICE_NAME, ""):
+            task = asyncio.create_task(health.set(name, status))
+            health_tasks.add(task)
+            task.add_done_callback(health_tasks.discard)
+
+    store.on_health.append(follow_health)
     keeper = asyncio.create_task(leases.keep(store), name="lease-keeper")
     reconciler = None
     if args.ndb:
         from geryon.reconciler import run_at
 
-        target = f"unix:{data_dir / 'reconciler.sock'}"
+        target = f"unix:{sock}"
         reconciler = asyncio.create_task(
             run_at(target, args.ndb, failback=args.failback), name="reconciler"
         )
@@ -323,7 +408,7 @@ async def serve(args: argparse.Namespace) -> int:
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, lambda: reload(servicer, deny, tls_on=bool(credentials)))
     print(
-        f"registryd: serving on {host}:{bound} revision {store.revision} data {data_dir}",
+        f"registryd: serving on {host}:{bound} revision {store.revision} {store.describe()}",
         file=sys.stderr,
         flush=True,
     )
@@ -339,6 +424,8 @@ async def serve(args: argparse.Namespace) -> int:
     keeper.cancel()
     await asyncio.gather(keeper, return_exceptions=True)
     await store.close()
+    if private is not None:
+        private.cleanup()
     log.info("registryd: stopped at revision %d", store.durable_revision)
     return 0
 

@@ -3,12 +3,18 @@
 A daemon is started, its ready line awaited with a timeout, and on a failed
 test its data dir and log are kept (pytest's tmp_path survives) and the log
 is printed.
+
+Registries run on the embedded SQLite store unless a module asks for both
+stores: ``backend`` is then parametrized, and with "etcd" every registry of
+the test is a front of one real three-member etcd cluster on loopback (shared
+by the session; each test gets its own key prefix).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import os
 import signal
 import socket
@@ -20,6 +26,7 @@ from pathlib import Path
 
 import pytest
 
+from geryon import localetcd
 from geryon.client import Client
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -131,23 +138,31 @@ class Daemon:
 
 
 class Registry(Daemon):
+    """A geryon-registryd: on SQLite in ``data_dir``, or, given ``etcd``
+    (endpoints) and ``prefix``, a front of that etcd cluster (``data_dir``
+    then only names its log)."""
+
     def __init__(
         self,
         data_dir: Path,
         port: int | None = None,
         extra: list[str] = (),
         env: dict | None = None,
+        *,
+        etcd: str | None = None,
+        prefix: str = "/geryon/",
     ) -> None:
         self.port = port or free_port()
         self.data_dir = data_dir
         self.extra = list(extra)
+        self.etcd = etcd
+        store = ["--etcd", etcd, "--etcd-prefix", prefix] if etcd else ["--data-dir", str(data_dir)]
         super().__init__(
             [
                 str(BIN / "geryon-registryd"),
                 "--listen",
                 f"127.0.0.1:{self.port}",
-                "--data-dir",
-                str(data_dir),
+                *store,
                 *self.extra,
             ],
             data_dir.parent / f"{data_dir.name}.log",
@@ -186,9 +201,46 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):  # type
     return rep
 
 
+_prefixes = itertools.count()
+
+
+@pytest.fixture(scope="session")
+def etcd_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[localetcd.Cluster]:
+    """One real three-member etcd cluster on loopback for the whole session."""
+    if localetcd.binary() is None:
+        pytest.skip("etcd is not installed (make test installs Debian's etcd-server)")
+    cluster = localetcd.Cluster(tmp_path_factory.mktemp("etcd")).start()
+    yield cluster
+    cluster.stop()
+
+
 @pytest.fixture
-def start_registry(tmp_path: Path, daemons: list[Daemon]) -> Callable[..., Registry]:
+def backend() -> str:
+    """The store registries use: "sqlite" here; modules that test both
+    override this fixture with params=["sqlite", "etcd"]."""
+    return "sqlite"
+
+
+@pytest.fixture
+def etcd_prefix(backend: str, request: pytest.FixtureRequest) -> tuple[str, str] | None:
+    """(endpoints, a prefix no other test uses) with the etcd backend."""
+    if backend != "etcd":
+        return None
+    cluster = request.getfixturevalue("etcd_cluster")
+    return cluster.endpoints, f"/test{next(_prefixes)}/"
+
+
+@pytest.fixture
+def start_registry(
+    tmp_path: Path, daemons: list[Daemon], etcd_prefix: tuple[str, str] | None
+) -> Callable[..., Registry]:
+    """Start a registry on the test's store; with etcd, every registry a test
+    starts is a front of the same prefix (unless given another)."""
+
     def start(name: str = "registry", **kw: object) -> Registry:
+        if etcd_prefix is not None:
+            kw.setdefault("etcd", etcd_prefix[0])
+            kw.setdefault("prefix", etcd_prefix[1])
         r = Registry(tmp_path / name, **kw)  # type: ignore[arg-type]
         daemons.append(r)
         return r.start()  # type: ignore[return-value]

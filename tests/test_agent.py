@@ -94,6 +94,24 @@ def test_config_errors_name_file_key_and_problem(tmp_path: Path) -> None:
     assert len(got) == len(want)
 
 
+def test_registry_is_one_address_or_a_list_of_fronts(tmp_path: Path) -> None:
+    path = tmp_path / "node.toml"
+    path.write_text(toml({"registry": ["10.0.0.1:6675", "10.0.0.2:6675"]}))
+    assert agent_config.load(path).registry == "10.0.0.1:6675,10.0.0.2:6675"
+    path.write_text(toml({"registry": "10.0.0.1:6675, 10.0.0.2:6675"}))
+    assert agent_config.load(path).registry == "10.0.0.1:6675,10.0.0.2:6675"
+    f = str(path)
+    assert problems(tmp_path, toml({"registry": ["10.0.0.1:6675", "nope"]})) == [
+        f"{f}: registry: bad address 'nope' (want HOST:PORT)"
+    ]
+    assert problems(tmp_path, toml({"registry": []})) == [
+        f"{f}: registry: want a non-empty array of HOST:PORT strings"
+    ]
+    assert problems(tmp_path, toml({"registry": ["a:1", "a:1"]})) == [
+        f"{f}: registry: 'a:1,a:1' names an address twice"
+    ]
+
+
 def test_config_refuses_agent_attrs_and_bad_toml(tmp_path: Path) -> None:
     got = problems(tmp_path, toml({}, [chunk("c0", tmp_path, attrs={"host": "x"})]))
     assert got == [

@@ -7,7 +7,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import ROOT
+from conftest import ROOT, free_port
 
 from geryon import tls
 
@@ -39,4 +39,11 @@ def test_node_client_tls(start_registry, tmp_path: Path) -> None:
     node = tls.issue(tmp_path / "ca", "nodejs", role="node", out=tmp_path / "node")
     registry = start_registry(extra=["--tls-dir", str(server)])
     r = npm_test({"GERYON_REGISTRY": registry.address, "GERYON_TLS_DIR": str(node)})
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_node_client_moves_past_a_dead_endpoint(registry) -> None:
+    # The first endpoint never answers: the client moves to the next one.
+    dead = f"127.0.0.1:{free_port()}"
+    r = npm_test({"GERYON_REGISTRY": f"{dead},{registry.address}", "GERYON_TLS_DIR": ""})
     assert r.returncode == 0, r.stdout + r.stderr

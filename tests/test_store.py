@@ -1,6 +1,7 @@
-"""Unit tests of geryon.store (and the lease keeper) without a network.
+"""Unit tests of geryon.store's SQLite backend (and the lease keeper)
+without a network.
 
-Time never passes by itself here: geryon.store's ``time`` module is replaced
+Time never passes by itself here: geryon.store.sqlite's ``time`` module is replaced
 by a clock the tests move by hand, so lease expiry is tested with explicit
 monotonic times and no test sleeps or asserts on the wall clock.
 """
@@ -8,6 +9,7 @@ monotonic times and no test sleeps or asserts on the wall clock.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import os
 import shutil
 import sqlite3
@@ -16,7 +18,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 from hypothesis import settings
@@ -31,7 +33,7 @@ from hypothesis.stateful import (
 )
 
 import geryon.leases as leases_mod
-import geryon.store as store_mod
+import geryon.store.sqlite as store_mod
 from geryon.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -43,7 +45,10 @@ from geryon.errors import (
     ResourceExhausted,
 )
 from geryon.model import Caller, Event, EventType, Filter, Service
-from geryon.store import Limits, Store
+from geryon.store import Limits, Written
+from geryon.store.sqlite import SQLiteStore
+
+T = TypeVar("T")
 
 ALICE = Caller("alice", "server")
 BOB = Caller("bob", "server")
@@ -51,7 +56,7 @@ ROOT = Caller("root", "admin")
 
 
 class Clock:
-    """Stands in for the ``time`` module inside geryon.store (and leases)."""
+    """Stands in for the ``time`` module inside geryon.store.sqlite (and leases)."""
 
     def __init__(self) -> None:
         self.now = 1000.0  # monotonic
@@ -74,16 +79,16 @@ def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
     return c
 
 
-Opener = Callable[..., Awaitable[Store]]
+Opener = Callable[..., Awaitable[SQLiteStore]]
 
 
 @pytest.fixture
 async def open_store(tmp_path: Path, clock: Clock) -> AsyncIterator[Opener]:
     """Open (and reopen) the store in one data dir; every one is closed after."""
-    opened: list[Store] = []
+    opened: list[SQLiteStore] = []
 
-    async def open_(limits: Limits | None = None) -> Store:
-        s = await Store.open(tmp_path / "data", limits=limits)
+    async def open_(limits: Limits | None = None) -> SQLiteStore:
+        s = await SQLiteStore.open(tmp_path / "data", limits=limits)
         opened.append(s)
         return s
 
@@ -93,19 +98,17 @@ async def open_store(tmp_path: Path, clock: Clock) -> AsyncIterator[Opener]:
 
 
 @pytest.fixture
-async def store(open_store: Opener) -> Store:
+async def store(open_store: Opener) -> SQLiteStore:
     return await open_store()
 
 
-async def done(result: tuple[Any, Awaitable[None]]) -> Any:
-    """Apply a mutation's result: wait until it is durable, return the value."""
-    value, durable = result
-    await durable
-    return value
+async def done(write: Awaitable[Written[T]]) -> T:
+    """Run a write: wait until it is durable, return the value."""
+    return (await write).value
 
 
 async def reg(
-    store: Store,
+    store: SQLiteStore,
     name: str,
     attrs: dict[str, str] | None = None,
     *,
@@ -124,16 +127,18 @@ def names(services: list[Service]) -> list[str]:
 # ---- register, get, find ------------------------------------------------------
 
 
-async def test_create_only_refuses_an_existing_name(store: Store) -> None:
+async def test_create_only_refuses_an_existing_name(store: SQLiteStore) -> None:
     first = await done(
         store.register("d0", {"a": "1"}, lease=0, persist=True, caller=ALICE, create_only=True)
     )
     with pytest.raises(FailedPrecondition, match="created at revision 1"):
-        store.register("d0", {"a": "2"}, lease=0, persist=True, caller=ALICE, create_only=True)
+        await store.register(
+            "d0", {"a": "2"}, lease=0, persist=True, caller=ALICE, create_only=True
+        )
     assert store.get("d0") == first and store.revision == 1
 
 
-async def test_register_and_get(store: Store) -> None:
+async def test_register_and_get(store: SQLiteStore) -> None:
     s = await reg(store, "tcp!h0!6701", {"proto": "tcp"})
     assert s == Service("tcp!h0!6701", {"proto": "tcp"}, 0, "alice", 1, 1)
     assert s.persistent
@@ -144,7 +149,7 @@ async def test_register_and_get(store: Store) -> None:
         store.get("nope")
 
 
-async def test_find_every_filter_form(store: Store) -> None:
+async def test_find_every_filter_form(store: SQLiteStore) -> None:
     await reg(store, "udp!h0!3", {"proto": "udp", "sys": "h0"})
     await reg(store, "tcp!h1!2", {"proto": "tcp", "sys": "h1", "port": ""})
     await reg(store, "tcp!h0!1", {"proto": "tcp", "sys": "h0", "port": "1"})
@@ -182,14 +187,14 @@ async def test_find_every_filter_form(store: Store) -> None:
     assert find({"proto": "tcp"}, prefix="udp") == []
 
 
-async def test_find_by_value_is_sorted_by_name(store: Store) -> None:
+async def test_find_by_value_is_sorted_by_name(store: SQLiteStore) -> None:
     for n in ["z", "m", "a", "q", "b"]:
         await reg(store, n, {"k": "v"})
     assert names(store.find(Filter({"k": "v"}))) == ["a", "b", "m", "q", "z"]
     assert names(store.find(Filter({"k": "*"}))) == ["a", "b", "m", "q", "z"]
 
 
-async def test_find_prefix_reaches_the_highest_code_point(store: Store) -> None:
+async def test_find_prefix_reaches_the_highest_code_point(store: SQLiteStore) -> None:
     top = "a\U0010ffff"
     for n in ["a", top, top + "b", "b"]:
         await reg(store, n)
@@ -197,7 +202,7 @@ async def test_find_prefix_reaches_the_highest_code_point(store: Store) -> None:
     assert names(store.find(Filter(prefix=top))) == [top, top + "b"]
 
 
-async def test_index_follows_updates_and_unregister(store: Store) -> None:
+async def test_index_follows_updates_and_unregister(store: SQLiteStore) -> None:
     s = await reg(store, "svc", {"a": "1", "b": "2", "c": "3"})
     await reg(store, "other", {"a": "1"})
     s = await done(
@@ -227,7 +232,7 @@ async def test_index_follows_updates_and_unregister(store: Store) -> None:
     assert store.index == {} and list(store.names) == [] and store.services == {}
 
 
-async def test_update_merges(store: Store) -> None:
+async def test_update_merges(store: SQLiteStore) -> None:
     await reg(store, "svc", {"a": "1", "b": "2"})
     s = await done(
         store.update("svc", {"b": "3", "c": ""}, ["a", "zz"], expected_mod_revision=0, caller=ALICE)
@@ -241,13 +246,13 @@ async def test_update_merges(store: Store) -> None:
     # The merge may not pass the attribute limit.
     await reg(store, "full", {f"a{i}": "" for i in range(64)})
     with pytest.raises(InvalidArgument, match="attrs: more than 64"):
-        store.update("full", {"one-more": ""}, [], expected_mod_revision=0, caller=ALICE)
+        await store.update("full", {"one-more": ""}, [], expected_mod_revision=0, caller=ALICE)
 
 
 # ---- ownership, upsert, preconditions ----------------------------------------
 
 
-async def test_upsert_by_same_owner_is_idempotent(store: Store) -> None:
+async def test_upsert_by_same_owner_is_idempotent(store: SQLiteStore) -> None:
     first = await reg(store, "svc", {"a": "1"})
     history = list(store.history)
     again = await reg(store, "svc", {"a": "1"})
@@ -259,7 +264,7 @@ async def test_upsert_by_same_owner_is_idempotent(store: Store) -> None:
     assert rev == 2 and event == Event(EventType.PUT, changed, first, 2)
 
 
-async def test_upsert_moves_to_a_new_lease_in_one_revision(store: Store) -> None:
+async def test_upsert_moves_to_a_new_lease_in_one_revision(store: SQLiteStore) -> None:
     l1 = await done(store.grant(1000, caller=ALICE))
     l2 = await done(store.grant(1000, caller=ALICE))
     before = await reg(store, "svc", {"a": "1"}, lease=l1.id)
@@ -281,23 +286,23 @@ async def test_upsert_moves_to_a_new_lease_in_one_revision(store: Store) -> None
     assert store.get("svc") == kept
 
 
-async def test_another_owners_name_already_exists(store: Store) -> None:
+async def test_another_owners_name_already_exists(store: SQLiteStore) -> None:
     await reg(store, "svc", {"a": "1"})
     for caller in (BOB, ROOT):
         with pytest.raises(AlreadyExists, match="svc is registered by alice"):
-            store.register("svc", {"a": "1"}, lease=0, persist=True, caller=caller)
+            await store.register("svc", {"a": "1"}, lease=0, persist=True, caller=caller)
     assert store.get("svc").owner == "alice" and store.revision == 1
 
 
-async def test_only_the_owner_or_an_admin_may_change(store: Store) -> None:
+async def test_only_the_owner_or_an_admin_may_change(store: SQLiteStore) -> None:
     await reg(store, "a", {"x": "1"})
     await reg(store, "b", {"x": "1"})
     with pytest.raises(PermissionDenied, match="a belongs to alice, not bob"):
-        store.update("a", {"x": "2"}, [], expected_mod_revision=0, caller=BOB)
+        await store.update("a", {"x": "2"}, [], expected_mod_revision=0, caller=BOB)
     with pytest.raises(PermissionDenied):
-        store.unregister("a", expected_mod_revision=0, caller=BOB)
+        await store.unregister("a", expected_mod_revision=0, caller=BOB)
     with pytest.raises(PermissionDenied):
-        store.unregister("a", expected_mod_revision=0, caller=Caller("alice2", "node"))
+        await store.unregister("a", expected_mod_revision=0, caller=Caller("alice2", "node"))
     assert store.revision == 2
     s = await done(store.update("a", {"x": "2"}, [], expected_mod_revision=0, caller=ROOT))
     assert s.attrs == {"x": "2"} and s.owner == "alice"  # an admin does not take it over
@@ -305,16 +310,16 @@ async def test_only_the_owner_or_an_admin_may_change(store: Store) -> None:
     assert names(store.find(Filter())) == ["a"]
 
 
-async def test_stale_expected_mod_revision_fails(store: Store) -> None:
+async def test_stale_expected_mod_revision_fails(store: SQLiteStore) -> None:
     await reg(store, "svc", {"a": "1"})
     s = await done(store.update("svc", {"a": "2"}, [], expected_mod_revision=1, caller=ALICE))
     assert s.mod_revision == 2
     with pytest.raises(FailedPrecondition, match="mod_revision is 2, expected 1"):
-        store.update("svc", {"a": "3"}, [], expected_mod_revision=1, caller=ALICE)
+        await store.update("svc", {"a": "3"}, [], expected_mod_revision=1, caller=ALICE)
     with pytest.raises(FailedPrecondition):
-        store.unregister("svc", expected_mod_revision=1, caller=ALICE)
+        await store.unregister("svc", expected_mod_revision=1, caller=ALICE)
     with pytest.raises(FailedPrecondition):
-        store.unregister("svc", expected_mod_revision=99, caller=ROOT)
+        await store.unregister("svc", expected_mod_revision=99, caller=ROOT)
     assert store.get("svc") == s and store.revision == 2
     await done(store.unregister("svc", expected_mod_revision=2, caller=ALICE))
     assert store.find(Filter()) == []
@@ -351,13 +356,13 @@ LEASE = -100  # stands for "a lease alice holds"
     ],
 )
 async def test_register_rejects_bad_input(
-    store: Store, name: str, attrs: dict[str, str], lease: int, persist: bool, field: str
+    store: SQLiteStore, name: str, attrs: dict[str, str], lease: int, persist: bool, field: str
 ) -> None:
     held = await done(store.grant(1000, caller=ALICE))
     if lease == LEASE:
         lease = held.id
     with pytest.raises(InvalidArgument) as info:
-        store.register(name, attrs, lease=lease, persist=persist, caller=ALICE)
+        await store.register(name, attrs, lease=lease, persist=persist, caller=ALICE)
     assert str(info.value).startswith(field + ": ")
     assert store.revision == 0 and store.services == {} and held.services == set()
 
@@ -377,7 +382,7 @@ async def test_register_rejects_bad_input(
     ],
 )
 async def test_update_rejects_bad_input(
-    store: Store,
+    store: SQLiteStore,
     name: str,
     set_attrs: dict[str, str],
     remove: list[str],
@@ -386,68 +391,70 @@ async def test_update_rejects_bad_input(
 ) -> None:
     before = await reg(store, "svc", {"a": "1"})
     with pytest.raises(InvalidArgument) as info:
-        store.update(name, set_attrs, remove, expected_mod_revision=expected, caller=ALICE)
+        await store.update(name, set_attrs, remove, expected_mod_revision=expected, caller=ALICE)
     assert str(info.value).startswith(field + ": ")
     assert store.get("svc") == before and store.revision == 1
 
 
-async def test_unregister_rejects_bad_input(store: Store) -> None:
+async def test_unregister_rejects_bad_input(store: SQLiteStore) -> None:
     with pytest.raises(InvalidArgument, match=r"^name: "):
-        store.unregister("a b", expected_mod_revision=0, caller=ALICE)
+        await store.unregister("a b", expected_mod_revision=0, caller=ALICE)
     with pytest.raises(InvalidArgument, match=r"^expected_mod_revision: "):
-        store.unregister("svc", expected_mod_revision=-1, caller=ALICE)
+        await store.unregister("svc", expected_mod_revision=-1, caller=ALICE)
 
 
 @pytest.mark.parametrize("ttl", [-1, 0, 499, 86_400_001])
-async def test_grant_rejects_bad_ttl(store: Store, ttl: int) -> None:
+async def test_grant_rejects_bad_ttl(store: SQLiteStore, ttl: int) -> None:
     with pytest.raises(InvalidArgument, match=r"^ttl_ms: "):
-        store.grant(ttl, caller=ALICE)
+        await store.grant(ttl, caller=ALICE)
     assert store.leases == {} and store.next_lease == 1
 
 
-async def test_grant_accepts_the_ttl_bounds(store: Store) -> None:
+async def test_grant_accepts_the_ttl_bounds(store: SQLiteStore) -> None:
     low = await done(store.grant(500, caller=ALICE))
     high = await done(store.grant(86_400_000, caller=ALICE))
     assert (low.ttl_ms, high.ttl_ms) == (500, 86_400_000)
 
 
-async def test_unknown_names_and_leases_are_not_found(store: Store) -> None:
+async def test_unknown_names_and_leases_are_not_found(store: SQLiteStore) -> None:
     with pytest.raises(NotFound):
         store.get("nope")
     with pytest.raises(NotFound):
-        store.update("nope", {"a": "1"}, [], expected_mod_revision=0, caller=ALICE)
+        await store.update("nope", {"a": "1"}, [], expected_mod_revision=0, caller=ALICE)
     with pytest.raises(NotFound):
-        store.unregister("nope", expected_mod_revision=0, caller=ROOT)
+        await store.unregister("nope", expected_mod_revision=0, caller=ROOT)
     with pytest.raises(NotFound, match="lease 7 not found or expired"):
-        store.register("svc", {}, lease=7, persist=False, caller=ALICE)
-    for caller in (ALICE, ROOT, None):
+        await store.register("svc", {}, lease=7, persist=False, caller=ALICE)
+    for caller in (ALICE, ROOT):
         with pytest.raises(NotFound):
-            store.revoke(7, caller=caller)
-    assert store.keepalive(7, caller=ALICE) == 0
+            await store.revoke(7, caller=caller)
+    with pytest.raises(NotFound):  # the registry itself
+        store._revoke(7, caller=None)
+    assert await store.keepalive(7, caller=ALICE, holder="t") == 0
     lease = await done(store.grant(1000, caller=ALICE))
     await done(store.revoke(lease.id, caller=ALICE))
     with pytest.raises(NotFound):
-        store.register("svc", {}, lease=lease.id, persist=False, caller=ALICE)
-    assert store.keepalive(lease.id, caller=ALICE) == 0
+        await store.register("svc", {}, lease=lease.id, persist=False, caller=ALICE)
+    assert await store.keepalive(lease.id, caller=ALICE, holder="t") == 0
     assert store.revision == 0
 
 
-async def test_another_owners_lease_is_denied(store: Store) -> None:
+async def test_another_owners_lease_is_denied(store: SQLiteStore) -> None:
     lease = await done(store.grant(1000, caller=ALICE))
     for caller in (BOB, ROOT):  # registering under a lease needs its owner
         with pytest.raises(PermissionDenied):
-            store.register("svc", {}, lease=lease.id, persist=False, caller=caller)
+            await store.register("svc", {}, lease=lease.id, persist=False, caller=caller)
     with pytest.raises(PermissionDenied):
-        store.keepalive(lease.id, caller=BOB)
+        await store.keepalive(lease.id, caller=BOB, holder="t")
     with pytest.raises(PermissionDenied):
-        store.revoke(lease.id, caller=BOB)
+        await store.revoke(lease.id, caller=BOB)
     assert lease.id in store.leases
 
 
 # ---- leases ------------------------------------------------------------------
 
 
-async def test_grant(store: Store, clock: Clock) -> None:
+async def test_grant(store: SQLiteStore, clock: Clock) -> None:
     a = await done(store.grant(1000, caller=ALICE))
     clock.now += 1
     b = await done(store.grant(2500, caller=BOB))
@@ -458,22 +465,22 @@ async def test_grant(store: Store, clock: Clock) -> None:
     assert store.revision == 0  # leases alone are not revisions of the service set
 
 
-async def test_keepalive_renews(store: Store, clock: Clock) -> None:
+async def test_keepalive_renews(store: SQLiteStore, clock: Clock) -> None:
     lease = await done(store.grant(1000, caller=ALICE))
     await reg(store, "svc", lease=lease.id)
     clock.now += 0.9
-    assert store.keepalive(lease.id, caller=ALICE) == 1000
+    assert await store.keepalive(lease.id, caller=ALICE, holder="t") == 1000
     assert lease.deadline == clock.now + 1.0
     assert store.expire(now=1001.5) == []  # past the first deadline, not the renewed one
     assert store.get("svc").lease == lease.id
     assert store.expire(now=lease.deadline) == [lease.id]
     await store.sync()
     assert store.find(Filter()) == [] and store.leases == {}
-    assert store.keepalive(lease.id, caller=ALICE) == 0
+    assert await store.keepalive(lease.id, caller=ALICE, holder="t") == 0
 
 
 async def test_expiry_deletes_every_service_of_the_lease_in_one_revision(
-    store: Store, clock: Clock
+    store: SQLiteStore, clock: Clock
 ) -> None:
     short = await done(store.grant(1000, caller=ALICE))
     long = await done(store.grant(5000, caller=ALICE))
@@ -500,14 +507,14 @@ async def test_expiry_deletes_every_service_of_the_lease_in_one_revision(
     assert names(store.find(Filter())) == ["p"] and store.revision == rev + 2
 
 
-async def test_an_empty_lease_expires_without_a_revision(store: Store) -> None:
+async def test_an_empty_lease_expires_without_a_revision(store: SQLiteStore) -> None:
     lease = await done(store.grant(1000, caller=ALICE))
     assert store.expire(now=lease.deadline) == [lease.id]
     await store.sync()
     assert store.revision == 0 and store.leases == {} and list(store.history) == []
 
 
-async def test_revoke_deletes_every_service_in_one_revision(store: Store) -> None:
+async def test_revoke_deletes_every_service_in_one_revision(store: SQLiteStore) -> None:
     lease = await done(store.grant(1000, caller=ALICE))
     for n in ("x", "y", "z"):
         await reg(store, n, lease=lease.id)
@@ -523,7 +530,9 @@ async def test_revoke_deletes_every_service_in_one_revision(store: Store) -> Non
     await reg(store, "w", lease=other.id, caller=BOB)
     assert await done(store.revoke(other.id, caller=ROOT)) == 1
     third = await done(store.grant(1000, caller=BOB))
-    assert await done(store.revoke(third.id, caller=None)) == 0
+    deleted, durable = store._revoke(third.id, caller=None)
+    await durable
+    assert deleted == 0
     assert store.leases == {} and store.revision == 6
 
 
@@ -534,16 +543,16 @@ async def test_services_per_lease_limit(open_store: Opener) -> None:
     await reg(store, "a", lease=lease.id)
     await reg(store, "b", lease=lease.id)
     with pytest.raises(ResourceExhausted, match="holds 2 services"):
-        store.register("c", {}, lease=lease.id, persist=False, caller=ALICE)
+        await store.register("c", {}, lease=lease.id, persist=False, caller=ALICE)
     await reg(store, "c", lease=other.id)
     with pytest.raises(ResourceExhausted):  # moving into a full lease
-        store.register("c", {}, lease=lease.id, persist=False, caller=ALICE)
+        await store.register("c", {}, lease=lease.id, persist=False, caller=ALICE)
     # Re-registering what the lease already holds is fine.
     assert (await reg(store, "a", {"k": "v"}, lease=lease.id)).attrs == {"k": "v"}
     assert lease.services == {"a", "b"} and other.services == {"c"}
 
 
-async def test_refresh_all_leases_extends_deadlines(store: Store, clock: Clock) -> None:
+async def test_refresh_all_leases_extends_deadlines(store: SQLiteStore, clock: Clock) -> None:
     short = await done(store.grant(1000, caller=ALICE))
     long = await done(store.grant(60_000, caller=ALICE))
     clock.now += 5  # past short's deadline: the registry itself stood still
@@ -555,10 +564,41 @@ async def test_refresh_all_leases_extends_deadlines(store: Store, clock: Clock) 
     assert store.expire(now=clock.now + 1) == [short.id]
 
 
+async def test_release_ends_a_lease_only_for_the_stream_holding_it(store: SQLiteStore) -> None:
+    lease = await done(store.grant(1000, caller=ALICE))
+    await reg(store, "svc", lease=lease.id)
+    assert await store.release(lease.id, holder="old") is None  # nobody holds it yet
+    assert await store.keepalive(lease.id, caller=ALICE, holder="old") == 1000
+    assert await store.keepalive(lease.id, caller=ALICE, holder="new") == 1000
+    assert await store.release(lease.id, holder="old") is None  # renewed on a newer stream
+    assert lease.id in store.leases and store.revision == 1
+    assert await store.release(lease.id, holder="new") == 1
+    await store.sync()
+    assert store.leases == {} and store.find(Filter()) == [] and store.revision == 2
+    assert await store.release(lease.id, holder="new") is None  # gone already
+
+
+async def test_writes_report_the_revision_they_were_decided_at(store: SQLiteStore) -> None:
+    lease = await store.grant(1000, caller=ALICE)
+    assert lease.revision == 0  # leases alone are not revisions
+    first = await store.register("a", {}, lease=0, persist=True, caller=ALICE)
+    assert first == Written(store.get("a"), 1)
+    again = await store.register("a", {}, lease=0, persist=True, caller=ALICE)
+    assert again == Written(first.value, 1)  # a no-op: the revision it was checked against
+    await reg(store, "b", lease=lease.value.id)
+    same = await store.update("a", {}, [], expected_mod_revision=0, caller=ALICE)
+    assert same == Written(first.value, 2)
+    changed = await store.update("a", {"k": "v"}, [], expected_mod_revision=0, caller=ALICE)
+    assert changed.revision == changed.value.mod_revision == 3
+    gone = await store.unregister("a", expected_mod_revision=3, caller=ALICE)
+    assert gone == Written(changed.value, 4)
+    assert await store.revoke(lease.value.id, caller=ALICE) == Written(1, 5)
+
+
 # ---- durability and restart ----------------------------------------------------
 
 
-def state(store: Store) -> dict[str, Any]:
+def state(store: SQLiteStore) -> dict[str, Any]:
     return {
         "services": store.find(Filter()),
         "leases": [(lz.id, lz.ttl_ms, lz.owner, sorted(lz.services)) for lz in store.lease_list()],
@@ -627,14 +667,21 @@ async def test_revision_and_lease_ids_never_go_back(open_store: Opener) -> None:
 
 async def test_an_unsynced_change_is_flushed_by_close(open_store: Opener) -> None:
     store = await open_store()
-    store.register("svc", {"a": "1"}, lease=0, persist=True, caller=ALICE)
-    store.grant(1000, caller=ALICE)
+    writes = [
+        asyncio.ensure_future(
+            store.register("svc", {"a": "1"}, lease=0, persist=True, caller=ALICE)
+        ),
+        asyncio.ensure_future(store.grant(1000, caller=ALICE)),
+    ]
+    await asyncio.sleep(0)  # both applied, neither durable yet
+    assert store.revision == 1 and store.durable_revision == 0 and list(store.leases) == [1]
     await store.close()
+    await asyncio.gather(*writes)
     store = await open_store()
     assert names(store.find(Filter())) == ["svc"] and list(store.leases) == [1]
 
 
-async def test_group_commit_shares_transactions(store: Store) -> None:
+async def test_group_commit_shares_transactions(store: SQLiteStore) -> None:
     n = 20
     writes = 0
     real_write = store._write
@@ -647,9 +694,9 @@ async def test_group_commit_shares_transactions(store: Store) -> None:
     store._write = counting_write  # type: ignore[method-assign]
 
     async def one(i: int) -> Service:
-        s, durable = store.register(f"s{i:02}", {"i": str(i)}, lease=0, persist=True, caller=ALICE)
-        await durable
-        return s
+        return await done(
+            store.register(f"s{i:02}", {"i": str(i)}, lease=0, persist=True, caller=ALICE)
+        )
 
     got = await asyncio.gather(*(one(i) for i in range(n)))
     assert sorted(s.mod_revision for s in got) == list(range(1, n + 1))
@@ -657,7 +704,7 @@ async def test_group_commit_shares_transactions(store: Store) -> None:
     assert 1 <= writes < n
 
 
-async def test_on_commit_in_revision_order_after_durability(store: Store) -> None:
+async def test_on_commit_in_revision_order_after_durability(store: SQLiteStore) -> None:
     db = sqlite3.connect(store.path, isolation_level=None)
     calls: list[tuple[int, int, int]] = []
 
@@ -670,14 +717,17 @@ async def test_on_commit_in_revision_order_after_durability(store: Store) -> Non
     store.on_commit.append(on_commit)
     try:
         lease = await done(store.grant(1000, caller=ALICE))
-        results = [
+        writes: list[Awaitable[Any]] = [
             store.register(f"s{i}", {}, lease=lease.id, persist=False, caller=ALICE)
             for i in range(5)
         ]
-        results.append(store.update("s0", {"a": "1"}, [], expected_mod_revision=0, caller=ALICE))
-        results.append(store.revoke(lease.id, caller=ALICE))
+        writes.append(store.update("s0", {"a": "1"}, [], expected_mod_revision=0, caller=ALICE))
+        writes.append(store.revoke(lease.id, caller=ALICE))
+        results = [asyncio.ensure_future(w) for w in writes]
+        await asyncio.sleep(0)  # every write applied, in order
+        assert store.revision == 7
         assert calls == []  # nothing is heard of before it is durable
-        await asyncio.gather(*(f for _, f in results))
+        await asyncio.gather(*results)
         await reg(store, "late")
     finally:
         db.close()
@@ -686,7 +736,7 @@ async def test_on_commit_in_revision_order_after_durability(store: Store) -> Non
         assert stored >= revision and missing == 0
 
 
-async def test_a_failed_commit_fails_every_waiting_write(store: Store) -> None:
+async def test_a_failed_commit_fails_every_waiting_write(store: SQLiteStore) -> None:
     started, release = threading.Event(), threading.Event()
 
     def broken_write(batch: Any) -> None:
@@ -695,9 +745,12 @@ async def test_a_failed_commit_fails_every_waiting_write(store: Store) -> None:
         raise sqlite3.OperationalError("disk I/O error")
 
     store._write = broken_write  # type: ignore[method-assign]
-    _, first = store.register("a", {}, lease=0, persist=True, caller=ALICE)
+    first = asyncio.ensure_future(store.register("a", {}, lease=0, persist=True, caller=ALICE))
     await asyncio.get_running_loop().run_in_executor(None, started.wait, 30)
-    _, second = store.register("b", {}, lease=0, persist=True, caller=ALICE)  # queued behind
+    # Queued behind the first.
+    second = asyncio.ensure_future(store.register("b", {}, lease=0, persist=True, caller=ALICE))
+    await asyncio.sleep(0)
+    assert store.revision == 2 and not second.done()
     release.set()
     with pytest.raises(sqlite3.OperationalError):
         await first
@@ -707,7 +760,7 @@ async def test_a_failed_commit_fails_every_waiting_write(store: Store) -> None:
     with pytest.raises(sqlite3.OperationalError):
         await second
     with pytest.raises(sqlite3.OperationalError):
-        store.register("c", {}, lease=0, persist=True, caller=ALICE)
+        await store.register("c", {}, lease=0, persist=True, caller=ALICE)
     with pytest.raises(sqlite3.OperationalError):
         await store.sync()  # what memory holds was never made durable
     await store.close()
@@ -716,7 +769,7 @@ async def test_a_failed_commit_fails_every_waiting_write(store: Store) -> None:
 # ---- history and compaction ------------------------------------------------------
 
 
-def db_oldest_event(store: Store) -> int | None:
+def db_oldest_event(store: SQLiteStore) -> int | None:
     with sqlite3.connect(store.path) as db:
         ((oldest,),) = db.execute("SELECT min(revision) FROM events")
     return oldest
@@ -733,9 +786,9 @@ async def test_history_is_compacted_by_whole_revisions(open_store: Opener) -> No
         # Contiguous whole revisions from the oldest held to the newest.
         assert [r for r, _ in held] == list(range(store.oldest_revision, store.revision + 1))
         assert all(log[r] == ev for r, ev in held)
-        assert store._history_events == sum(len(ev) for _, ev in held)
+        assert store.history_events == sum(len(ev) for _, ev in held)
         # Bounded: past the limit by at most the newest commit.
-        assert store._history_events - len(held[-1][1]) <= limit
+        assert store.history_events - len(held[-1][1]) <= limit
         assert db_oldest_event(store) == store.oldest_revision
 
     for i in range(5):
@@ -791,7 +844,7 @@ async def test_history_is_compacted_by_age(open_store: Opener, clock: Clock) -> 
     assert info.value.resume_revision == 3
 
 
-async def test_history_since_without_compaction(store: Store) -> None:
+async def test_history_since_without_compaction(store: SQLiteStore) -> None:
     for n in "abc":
         await reg(store, n)
     assert [r for r, _ in store.history_since(1)] == [1, 2, 3]
@@ -818,7 +871,7 @@ class KeeperTime:
         await asyncio.sleep(0)
 
 
-async def run_keeper_until(store: Store, fake: KeeperTime, done_: Callable[[], bool]) -> None:
+async def run_keeper_until(store: SQLiteStore, fake: KeeperTime, done_: Callable[[], bool]) -> None:
     keeper = asyncio.create_task(leases_mod.keep(store, tick=0.05, stall=0.5))
     try:
         for _ in range(10_000):
@@ -840,7 +893,9 @@ def keeper_time(monkeypatch: pytest.MonkeyPatch, clock: Clock) -> KeeperTime:
     return fake
 
 
-async def test_keeper_expires_a_lease_nobody_renews(store: Store, keeper_time: KeeperTime) -> None:
+async def test_keeper_expires_a_lease_nobody_renews(
+    store: SQLiteStore, keeper_time: KeeperTime
+) -> None:
     lease = await done(store.grant(1000, caller=ALICE))
     await reg(store, "svc", lease=lease.id)
     start = keeper_time.clock.now
@@ -850,7 +905,7 @@ async def test_keeper_expires_a_lease_nobody_renews(store: Store, keeper_time: K
     assert store.find(Filter()) == []
 
 
-async def test_keeper_forgives_its_own_stall(store: Store, keeper_time: KeeperTime) -> None:
+async def test_keeper_forgives_its_own_stall(store: SQLiteStore, keeper_time: KeeperTime) -> None:
     lease = await done(store.grant(1000, caller=ALICE))
     await reg(store, "svc", lease=lease.id)
     keeper_time.stalls = [0.0, 30.0]  # the second sleep overruns by 30 s
@@ -890,7 +945,7 @@ class StoreMachine(RuleBasedStateMachine):
         self.clock = Clock()
         self.saved_time = store_mod.time
         store_mod.time = self.clock  # type: ignore[assignment]
-        self.store: Store | None = None
+        self.store: SQLiteStore | None = None
         # The model.
         self.services: dict[str, Service] = {}
         self.leases: dict[int, tuple[str, int, float]] = {}  # id -> owner, ttl, deadline
@@ -904,10 +959,15 @@ class StoreMachine(RuleBasedStateMachine):
         return self.loop.run_until_complete(coro)
 
     def call(self, fn: Callable[[], Any]) -> Any:
-        """Call a store method on the loop: its writes need a running loop."""
+        """Call a store method on the loop (its writes need a running loop)
+        and, when it is a coroutine, run it to the end: a write returns once
+        durable."""
 
         async def inside() -> Any:
-            return fn()
+            result = fn()
+            if inspect.isawaitable(result):
+                result = await result
+            return result
 
         return self.run(inside())
 
@@ -921,7 +981,7 @@ class StoreMachine(RuleBasedStateMachine):
             shutil.rmtree(self.dir, ignore_errors=True)
 
     def open(self) -> None:
-        self.store = self.run(Store.open(self.dir, limits=Limits(PER_LEASE, HISTORY)))
+        self.store = self.run(SQLiteStore.open(self.dir, limits=Limits(PER_LEASE, HISTORY)))
         self.store.on_commit.append(lambda r, ev: self.log.append((r, ev)))
 
     @initialize()
@@ -948,7 +1008,8 @@ class StoreMachine(RuleBasedStateMachine):
                 set(self.store.leases),
             ) == before
             return None
-        return self.run(done(self.call(call)))
+        got = self.call(call)
+        return got.value if isinstance(got, Written) else got
 
     def lease_of(self, pick: int) -> int:
         """An id the model holds (0 when it holds none), or for a negative
@@ -1168,14 +1229,15 @@ class StoreMachine(RuleBasedStateMachine):
     def keepalive(self, pick: int, caller: Caller) -> None:
         assert self.store is not None
         lid = self.lease_of(pick)
+        store = self.store
         if lid not in self.leases:
-            assert self.store.keepalive(lid, caller=caller) == 0
+            assert self.call(lambda: store.keepalive(lid, caller=caller, holder="t")) == 0
             return
         owner, ttl, _ = self.leases[lid]
         if owner != caller.name:
-            self.attempt(PermissionDenied, lambda: self.store.keepalive(lid, caller=caller))
+            self.attempt(PermissionDenied, lambda: store.keepalive(lid, caller=caller, holder="t"))
             return
-        assert self.store.keepalive(lid, caller=caller) == ttl
+        assert self.call(lambda: store.keepalive(lid, caller=caller, holder="t")) == ttl
         self.leases[lid] = (owner, ttl, self.clock.now + ttl / 1000)
 
     def end_lease(self, lid: int) -> int:
@@ -1195,7 +1257,17 @@ class StoreMachine(RuleBasedStateMachine):
             err = NotFound
         elif caller is not None and not caller.admin and self.leases[lid][0] != caller.name:
             err = PermissionDenied
-        got = self.attempt(err, lambda: self.store.revoke(lid, caller=caller))
+        store = self.store
+        assert store is not None
+
+        async def revoke() -> int:
+            if caller is None:  # the registry itself (expiry, a closed stream)
+                deleted, durable = store._revoke(lid, caller=None)
+                await durable
+                return deleted
+            return await done(store.revoke(lid, caller=caller))
+
+        got = self.attempt(err, revoke)
         if err is None:
             assert got == self.end_lease(lid)
 

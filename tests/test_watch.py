@@ -1,5 +1,5 @@
 """Unit tests of geryon.watch: filter translation, the bounded watcher queue
-and the hub, alone and fed by a real Store (no network)."""
+and the hub, alone and fed by a real store (SQLite, no network)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from geryon.errors import ResourceExhausted, Unavailable
 from geryon.model import Caller, Event, EventType, Filter, Service
-from geryon.store import Store
+from geryon.store.sqlite import SQLiteStore
 from geryon.watch import DEFAULT_BACKLOG, Hub, Watcher, translate
 
 EXAMPLES = int(os.environ.get("GERYON_PROPERTY_EXAMPLES", "50"))
@@ -313,20 +313,19 @@ def test_close_all() -> None:
 
 
 async def test_watchers_fed_by_the_store(tmp_path: Path) -> None:
-    store = await Store.open(tmp_path)
+    store = await SQLiteStore.open(tmp_path)
     hub = Hub()
     store.on_commit.append(hub.publish)
     try:
         tcp = hub.subscribe(TCP, after=store.durable_revision)
-        lease, durable = store.grant(1000, caller=ALICE)
-        await durable
+        lease = (await store.grant(1000, caller=ALICE)).value
         for name, proto in [("a", "tcp"), ("b", "udp"), ("c", "tcp")]:
             await store.register(
                 name, {"proto": proto}, lease=lease.id, persist=False, caller=ALICE
-            )[1]
-        await store.update("a", {"proto": "udp"}, [], expected_mod_revision=0, caller=ALICE)[1]
-        await store.update("b", {"proto": "tcp"}, [], expected_mod_revision=0, caller=ALICE)[1]
-        await store.revoke(lease.id, caller=ALICE)[1]
+            )
+        await store.update("a", {"proto": "udp"}, [], expected_mod_revision=0, caller=ALICE)
+        await store.update("b", {"proto": "tcp"}, [], expected_mod_revision=0, caller=ALICE)
+        await store.revoke(lease.id, caller=ALICE)
         got = [(e.type, e.service.name, e.revision) for e in tcp.take(100)]
         assert got == [
             (PUT, "a", 1),
@@ -343,7 +342,7 @@ async def test_watchers_fed_by_the_store(tmp_path: Path) -> None:
         for revision, events in store.history_since(3):
             resumed.offer(revision, events, replay=True)
         resumed.seen = max(resumed.seen, store.durable_revision)
-        await store.register("d", {"proto": "tcp"}, lease=0, persist=True, caller=ALICE)[1]
+        await store.register("d", {"proto": "tcp"}, lease=0, persist=True, caller=ALICE)
         hub.publish(7, store.history[-1][1])  # already delivered: ignored
         got = [(e.type, e.service.name, e.revision) for e in resumed.take(100)]
         assert got == [
@@ -361,16 +360,16 @@ async def test_watchers_fed_by_the_store(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("backlog", [1, 2])
 async def test_a_stalled_watcher_is_cut_off_and_can_resume(tmp_path: Path, backlog: int) -> None:
-    store = await Store.open(tmp_path)
+    store = await SQLiteStore.open(tmp_path)
     hub = Hub(backlog=backlog)
     store.on_commit.append(hub.publish)
     try:
         w = hub.subscribe(Filter(), after=0)
-        await store.register("s0", {}, lease=0, persist=True, caller=ALICE)[1]
+        await store.register("s0", {}, lease=0, persist=True, caller=ALICE)
         seen = {e.service.name for e in w.take(100)}
         assert seen == {"s0"} and w.delivered == 1
         for i in range(1, 10):  # nobody takes these
-            await store.register(f"s{i}", {}, lease=0, persist=True, caller=ALICE)[1]
+            await store.register(f"s{i}", {}, lease=0, persist=True, caller=ALICE)
         assert isinstance(w.error, ResourceExhausted)
         assert w.error.resume_revision == 2 and w.pending_events == 0
         # Resuming from there rebuilds exactly what Find answers.

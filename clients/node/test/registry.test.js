@@ -1,7 +1,7 @@
 'use strict';
 // Scenario test against a live registry: lease, watch, register, find,
-// revoke. The registry is GERYON_REGISTRY (host:port, default
-// 127.0.0.1:6675), over TLS when GERYON_TLS_DIR names a directory holding
+// revoke. The registry is GERYON_REGISTRY (host:port, or several endpoints
+// host:port,host:port; default 127.0.0.1:6675), over TLS when GERYON_TLS_DIR names a directory holding
 // ca.crt, cert.pem and key.pem. GERYON_TLS_SERVER_NAME, when set, is the name
 // to check the registry's certificate against instead of the host dialled.
 //

@@ -1,6 +1,6 @@
-"""The registry's state and its durable home.
+"""The embedded store: the registry's state, durable in one SQLite file.
 
-Invariants this module keeps:
+The default backend, for a registry that runs on one node. Invariants:
 - Every change to the set of services gets the next revision; the revision is
   stored with the change and never goes back, across any restart.
 - A change is applied to memory at once (so the next request validates against
@@ -21,46 +21,39 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import heapq
-import itertools
 import json
 import logging
 import sqlite3
 import time
-from collections import deque
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 
-from sortedcontainers import SortedList
-
-from geryon.errors import (
-    AlreadyExists,
-    FailedPrecondition,
-    InvalidArgument,
-    NotFound,
-    OutOfRange,
-    PermissionDenied,
-    ResourceExhausted,
-)
+from geryon.errors import FailedPrecondition
 from geryon.model import (
-    WILDCARD,
     Caller,
     Event,
     EventType,
-    Filter,
     Lease,
     LeaseID,
     Revision,
     Service,
-    validate_attr_name,
-    validate_attrs,
     validate_name,
     validate_ttl,
 )
+from geryon.store.base import Store, Written, wait
+from geryon.store.state import (
+    Limits,
+    validate_expected,
+    validate_register,
+    validate_update,
+)
 
 log = logging.getLogger("geryon.store")
+
+T = TypeVar("T")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
@@ -76,15 +69,6 @@ CREATE TABLE IF NOT EXISTS events (
 
 # One SQL statement and its parameters; a batch is a list of these.
 Op = tuple[str, tuple[Any, ...]]
-
-
-@dataclass
-class Limits:
-    """Bounds that keep one client from filling the registry."""
-
-    services_per_lease: int = 10_000
-    history_events: int = 100_000
-    history_age_s: float = 3600.0
 
 
 @dataclass
@@ -109,31 +93,13 @@ def _service_from_json(text: str) -> Service:
     return Service(name, attrs, lease, owner, create, mod)
 
 
-class Store:
-    """Services, leases, the revision and the event history.
-
-    ``on_commit`` is called with each revision's events once they are durable,
-    in revision order (the watch hub subscribes here).
-    """
+class SQLiteStore(Store):
+    """The state, applied at once and made durable by group commit."""
 
     def __init__(self, path: Path, *, limits: Limits | None = None) -> None:
+        super().__init__(limits=limits)
         self.path = path
-        self.limits = limits or Limits()
-        self.services: dict[str, Service] = {}
-        self.names: SortedList = SortedList()
-        # attr -> value -> names, and attr -> names having it (for "*").
-        self.index: dict[str, dict[str, set[str]]] = {}
-        self.having: dict[str, set[str]] = {}
-        self.leases: dict[LeaseID, Lease] = {}
-        self.revision: Revision = 0  # applied (may not be durable yet)
-        self.durable_revision: Revision = 0
         self.next_lease: LeaseID = 1
-        # (revision, events, wall time) for every durable revision still held.
-        self.history: deque[tuple[Revision, tuple[Event, ...], float]] = deque()
-        self.oldest_revision: Revision = 1
-        self._history_events = 0  # events held in self.history
-        self.on_commit: list[Callable[[Revision, tuple[Event, ...]], None]] = []
-        self.commit_latency: Callable[[float], None] | None = None
         self._deadlines: list[tuple[float, LeaseID]] = []
         self._batch: _Batch | None = None
         self._inflight: _Batch | None = None
@@ -144,10 +110,13 @@ class Store:
         self._failed: BaseException | None = None
         self._lock: IO[str] | None = None
 
+    def describe(self) -> str:
+        return f"data {self.path.parent}"
+
     # ---- opening and closing ------------------------------------------------
 
     @classmethod
-    async def open(cls, data_dir: Path, *, limits: Limits | None = None) -> Store:
+    async def open(cls, data_dir: Path, *, limits: Limits | None = None) -> SQLiteStore:
         store = cls(data_dir / "registry.db", limits=limits)
         await asyncio.get_running_loop().run_in_executor(store._writer, store._load)
         store._committer = asyncio.create_task(store._commit_loop(), name="store-committer")
@@ -185,10 +154,8 @@ class Store:
         for row in db.execute(
             "SELECT name, attrs, lease, owner, create_revision, mod_revision FROM services"
         ):
-            s = Service(row[0], json.loads(row[1]), row[2], row[3], row[4], row[5])
-            self._index_add(s)
-            if s.lease and s.lease in self.leases:
-                self.leases[s.lease].services.add(s.name)
+            self.index_add(Service(row[0], json.loads(row[1]), row[2], row[3], row[4], row[5]))
+        self.link_leases()
         self._rebuild_deadlines()
         current: list[Event] = []
         current_rev, current_ts = 0, 0.0
@@ -211,7 +178,7 @@ class Store:
             )
         if current:
             self.history.append((current_rev, tuple(current), current_ts))
-        self._history_events = sum(len(ev) for _, ev, _ in self.history)
+        self.history_events = sum(len(ev) for _, ev, _ in self.history)
 
     async def close(self) -> None:
         """Flush what is pending and close the database."""
@@ -260,6 +227,11 @@ class Store:
         done.set_result(None)
         return done
 
+    async def read(self, look: Callable[[], T]) -> tuple[T, Revision]:
+        # Memory may hold writes not yet durable: look now, answer once they are.
+        seen = look()
+        return seen, await self.sync()
+
     async def sync(self) -> Revision:
         """Wait until everything applied so far is durable; return that revision."""
         if self._failed is not None:  # what memory holds never became durable
@@ -297,11 +269,7 @@ class Store:
                     self.commit_latency(time.perf_counter() - started)
                 self._inflight = None
                 for revision, events, ts in batch.revisions:
-                    self.durable_revision = revision
-                    self.history.append((revision, events, ts))
-                    self._history_events += len(events)
-                    for notify in self.on_commit:
-                        notify(revision, events)
+                    self.publish(revision, events, ts)
                 if not batch.future.done():
                     batch.future.set_result(None)
 
@@ -330,82 +298,8 @@ class Store:
 
     def _compact(self, batch: _Batch) -> None:
         """Drop whole revisions from the history past its count or age bound."""
-        limit, oldest_ts = self.limits.history_events, time.time() - self.limits.history_age_s
-        dropped = False
-        while self.history and (self._history_events > limit or self.history[0][2] < oldest_ts):
-            rev, events, _ = self.history.popleft()
-            self._history_events -= len(events)
-            self.oldest_revision = rev + 1
-            dropped = True
-        if dropped:
+        if self.trim_history(now=time.time()):
             batch.ops.append(("DELETE FROM events WHERE revision < ?", (self.oldest_revision,)))
-
-    # ---- the index ----------------------------------------------------------
-
-    def _index_add(self, s: Service) -> None:
-        if s.name not in self.services:
-            self.names.add(s.name)
-        self.services[s.name] = s
-        for attr, value in s.attrs.items():
-            self.index.setdefault(attr, {}).setdefault(value, set()).add(s.name)
-            self.having.setdefault(attr, set()).add(s.name)
-
-    def _index_remove(self, s: Service) -> None:
-        del self.services[s.name]
-        self.names.remove(s.name)
-        for attr, value in s.attrs.items():
-            values = self.index[attr]
-            names = values[value]
-            names.discard(s.name)
-            if not names:
-                del values[value]
-                if not values:
-                    del self.index[attr]
-            having = self.having[attr]
-            having.discard(s.name)
-            if not having:
-                del self.having[attr]
-
-    # ---- reads --------------------------------------------------------------
-
-    def get(self, name: str) -> Service:
-        validate_name(name)
-        try:
-            return self.services[name]
-        except KeyError:
-            raise NotFound(f"no service {name!r}") from None
-
-    def find(self, flt: Filter) -> list[Service]:
-        """Every service matching ``flt``, sorted by name."""
-        # Walk the smallest candidate set any term offers, so a Find costs
-        # about what its answer costs, not a scan of every entry.
-        candidates: set[str] | None = None
-        for attr, want in flt.attrs.items():
-            names = (
-                self.having.get(attr) if want == WILDCARD else self.index.get(attr, {}).get(want)
-            )
-            if not names:
-                return []
-            if candidates is None or len(names) < len(candidates):
-                candidates = names
-        if candidates is None:
-            if flt.prefix:
-                # Names with the prefix sort first from it on; no string bounds
-                # them from above (prefix + U+10FFFF + more sorts past that).
-                candidates = itertools.takewhile(
-                    lambda n: n.startswith(flt.prefix), self.names.irange(flt.prefix)
-                )
-            else:
-                candidates = self.names
-            out = [self.services[n] for n in candidates]
-            return [s for s in out if flt.matches(s)] if flt.attrs or flt.prefix else out
-        return sorted(
-            (s for n in candidates if flt.matches(s := self.services[n])),
-            key=lambda s: s.name,
-        )
-
-    def lease_list(self) -> list[Lease]:
-        return [self.leases[i] for i in sorted(self.leases)]
 
     # ---- writes -------------------------------------------------------------
 
@@ -414,13 +308,6 @@ class Store:
         return self.revision
 
     def _put(self, new: Service, prev: Service | None) -> tuple[Event, Op]:
-        if prev is not None:
-            self._index_remove(prev)
-            if prev.lease and prev.lease in self.leases:
-                self.leases[prev.lease].services.discard(prev.name)
-        self._index_add(new)
-        if new.lease:
-            self.leases[new.lease].services.add(new.name)
         op = (
             "INSERT OR REPLACE INTO services VALUES (?, ?, ?, ?, ?, ?)",
             (
@@ -432,14 +319,11 @@ class Store:
                 new.mod_revision,
             ),
         )
-        return Event(EventType.PUT, new, prev, new.mod_revision), op
+        return self.put(new, prev), op
 
     def _delete(self, s: Service, revision: Revision) -> tuple[Event, Op]:
-        self._index_remove(s)
-        if s.lease and s.lease in self.leases:
-            self.leases[s.lease].services.discard(s.name)
         op = ("DELETE FROM services WHERE name = ?", (s.name,))
-        return Event(EventType.DELETE, s, s, revision), op
+        return self.delete(s, revision), op
 
     def _commit(
         self, revision: Revision, events: list[Event], ops: list[Op]
@@ -460,25 +344,7 @@ class Store:
         )
         return self._enqueue(ops, tuple(events), revision)
 
-    def _owned_lease(self, lease_id: LeaseID, caller: Caller) -> Lease:
-        lease = self.leases.get(lease_id)
-        if lease is None:
-            raise NotFound(f"lease {lease_id} not found or expired")
-        if lease.owner != caller.name:
-            raise PermissionDenied(f"lease {lease_id} belongs to {lease.owner}, not {caller.name}")
-        return lease
-
-    def _owned_service(self, name: str, caller: Caller, expected: Revision) -> Service:
-        s = self.get(name)
-        if s.owner != caller.name and not caller.admin:
-            raise PermissionDenied(f"{name} belongs to {s.owner}, not {caller.name}")
-        if expected and s.mod_revision != expected:
-            raise FailedPrecondition(
-                f"{name} changed: mod_revision is {s.mod_revision}, expected {expected}"
-            )
-        return s
-
-    def register(
+    async def register(
         self,
         name: str,
         attrs: Mapping[str, str],
@@ -487,41 +353,27 @@ class Store:
         persist: bool,
         caller: Caller,
         create_only: bool = False,
-    ) -> tuple[Service, asyncio.Future[None]]:
-        validate_name(name)
-        attrs = validate_attrs(attrs)
-        if bool(lease) == persist:
-            raise InvalidArgument("lease, persist: give exactly one of a lease and persist")
-        if lease < 0:
-            raise InvalidArgument(f"lease: bad lease id {lease}")
-        if lease:
-            held = self._owned_lease(lease, caller)
-            if len(held.services) >= self.limits.services_per_lease and name not in held.services:
-                raise ResourceExhausted(
-                    f"lease {lease} holds {len(held.services)} services, the limit"
-                )
-        prev = self.services.get(name)
-        if prev is not None and prev.owner != caller.name:
-            raise AlreadyExists(f"{name} is registered by {prev.owner}")
-        if prev is not None and create_only:
-            raise FailedPrecondition(
-                f"{name}: create_only, but it exists (created at revision {prev.create_revision})"
-            )
-        if prev is not None and prev.attrs == attrs and prev.lease == lease:
-            return prev, self._barrier()  # idempotent: no new revision
+    ) -> Written[Service]:
+        # Everything up to the first await runs as one step of the event
+        # loop: decided and applied before any other request is looked at.
+        attrs = validate_register(name, attrs, lease=lease, persist=persist)
+        prev, noop = self.check_register(
+            name, attrs, lease=lease, caller=caller, create_only=create_only
+        )
+        if noop:  # idempotent: no new revision
+            assert prev is not None
+            decided_at = self.revision
+            await wait(self._barrier())
+            return Written(prev, decided_at)
         revision = self._next_revision()
         new = Service(
-            name,
-            attrs,
-            lease,
-            caller.name,
-            prev.create_revision if prev else revision,
-            revision,
+            name, attrs, lease, caller.name, prev.create_revision if prev else revision, revision
         )
         event, op = self._put(new, prev)
-        return new, self._commit(revision, [event], [op])
+        await wait(self._commit(revision, [event], [op]))
+        return Written(new, revision)
 
-    def update(
+    async def update(
         self,
         name: str,
         set_attrs: Mapping[str, str],
@@ -529,73 +381,80 @@ class Store:
         *,
         expected_mod_revision: Revision,
         caller: Caller,
-    ) -> tuple[Service, asyncio.Future[None]]:
-        validate_name(name)
-        set_attrs = validate_attrs(set_attrs, "set_attrs")
-        remove = {validate_attr_name(a, "remove_attrs") for a in remove_attrs}
-        if both := remove & set_attrs.keys():
-            raise InvalidArgument(f"remove_attrs: {sorted(both)[0]!r} is also in set_attrs")
-        if expected_mod_revision < 0:
-            raise InvalidArgument("expected_mod_revision: negative")
-        prev = self._owned_service(name, caller, expected_mod_revision)
-        attrs = {k: v for k, v in prev.attrs.items() if k not in remove}
-        attrs.update(set_attrs)
-        validate_attrs(attrs)
+    ) -> Written[Service]:
+        set_attrs, remove = validate_update(name, set_attrs, remove_attrs, expected_mod_revision)
+        prev, attrs = self.check_update(
+            name, set_attrs, remove, expected_mod_revision=expected_mod_revision, caller=caller
+        )
         if attrs == prev.attrs:
-            return prev, self._barrier()
+            decided_at = self.revision
+            await wait(self._barrier())
+            return Written(prev, decided_at)
         revision = self._next_revision()
         new = Service(name, attrs, prev.lease, prev.owner, prev.create_revision, revision)
         event, op = self._put(new, prev)
-        return new, self._commit(revision, [event], [op])
+        await wait(self._commit(revision, [event], [op]))
+        return Written(new, revision)
 
-    def unregister(
+    async def unregister(
         self, name: str, *, expected_mod_revision: Revision, caller: Caller
-    ) -> tuple[Service, asyncio.Future[None]]:
+    ) -> Written[Service]:
         validate_name(name)
-        if expected_mod_revision < 0:
-            raise InvalidArgument("expected_mod_revision: negative")
-        prev = self._owned_service(name, caller, expected_mod_revision)
+        validate_expected(expected_mod_revision)
+        prev = self.owned_service(name, caller, expected_mod_revision)
         revision = self._next_revision()
         event, op = self._delete(prev, revision)
-        return prev, self._commit(revision, [event], [op])
+        await wait(self._commit(revision, [event], [op]))
+        return Written(prev, revision)
 
     # ---- leases -------------------------------------------------------------
 
-    def grant(self, ttl_ms: int, *, caller: Caller) -> tuple[Lease, asyncio.Future[None]]:
+    async def grant(self, ttl_ms: int, *, caller: Caller) -> Written[Lease]:
         validate_ttl(ttl_ms)
         lease = Lease(self.next_lease, ttl_ms, caller.name, time.monotonic() + ttl_ms / 1000)
         self.next_lease += 1
         self.leases[lease.id] = lease
         heapq.heappush(self._deadlines, (lease.deadline, lease.id))
         op = ("INSERT INTO leases VALUES (?, ?, ?)", (lease.id, ttl_ms, caller.name))
-        return lease, self._enqueue([op])
+        decided_at = self.revision
+        await wait(self._enqueue([op]))
+        return Written(lease, decided_at)
 
-    def keepalive(self, lease_id: LeaseID, *, caller: Caller) -> int:
-        """Renew a lease; return its TTL in ms, 0 when it is gone."""
-        lease = self.leases.get(lease_id)
+    async def keepalive(self, lease_id: LeaseID, *, caller: Caller, holder: str) -> int:
+        lease = self.check_keepalive(lease_id, caller)
         if lease is None:
             return 0
-        if lease.owner != caller.name:
-            raise PermissionDenied(f"lease {lease_id} belongs to {lease.owner}, not {caller.name}")
         # The deadline moves later; the heap entry is checked lazily on expiry.
         lease.deadline = time.monotonic() + lease.ttl_ms / 1000
+        lease.holder = holder
         return lease.ttl_ms
 
-    def revoke(
+    async def release(self, lease_id: LeaseID, *, holder: str) -> int | None:
+        lease = self.leases.get(lease_id)
+        if lease is None or lease.holder != holder:
+            return None  # gone already, or renewed on a newer stream since
+        deleted, durable = self._revoke(lease_id, caller=None)
+        await wait(durable)
+        return deleted
+
+    async def remaining_ms(self, leases: list[Lease]) -> list[int]:
+        now = time.monotonic()
+        return [max(0, int((lease.deadline - now) * 1000)) for lease in leases]
+
+    async def revoke(self, lease_id: LeaseID, *, caller: Caller) -> Written[int]:
+        deleted, durable = self._revoke(lease_id, caller=caller)
+        revision = self.revision
+        await wait(durable)
+        return Written(deleted, revision)
+
+    def _revoke(
         self, lease_id: LeaseID, *, caller: Caller | None
     ) -> tuple[int, asyncio.Future[None]]:
-        """End a lease and delete its services in one revision.
+        """End a lease and delete its services in one revision, now.
 
         ``caller`` None is the registry itself (expiry, a closed stream).
         """
-        if caller is None:
-            lease = self.leases.get(lease_id)
-            if lease is None:
-                raise NotFound(f"lease {lease_id} not found or expired")
-        elif caller.admin and lease_id in self.leases:
-            lease = self.leases[lease_id]
-        else:
-            lease = self._owned_lease(lease_id, caller)
+        lease = self.check_revoke(lease_id, caller)
         del self.leases[lease_id]
         ops: list[Op] = [("DELETE FROM leases WHERE id = ?", (lease_id,))]
         if not lease.services:
@@ -620,7 +479,7 @@ class Store:
             if lease.deadline > now:  # renewed since this entry was pushed
                 heapq.heappush(self._deadlines, (lease.deadline, lid))
                 continue
-            self.revoke(lid, caller=None)
+            self._revoke(lid, caller=None)
             ended.append(lid)
         return ended
 
@@ -638,26 +497,3 @@ class Store:
 
     def next_deadline(self) -> float | None:
         return self._deadlines[0][0] if self._deadlines else None
-
-    # ---- history ------------------------------------------------------------
-
-    def history_since(self, start: Revision) -> list[tuple[Revision, tuple[Event, ...]]]:
-        """Durable revisions >= start, oldest first. Raises OutOfRange when
-        part of that history was compacted away."""
-        if start < self.oldest_revision:
-            raise OutOfRange(
-                f"revision {start} compacted; oldest held is {self.oldest_revision}",
-                resume_revision=self.oldest_revision,
-            )
-        out = []
-        for rev, events, _ in reversed(self.history):
-            if rev < start:
-                break
-            out.append((rev, events))
-        out.reverse()
-        return out
-
-
-async def wait(future: Awaitable[None]) -> None:
-    """Await a durability future without letting a cancelled caller cancel it."""
-    await asyncio.shield(future)

@@ -1,0 +1,49 @@
+"""Servers reached at several addresses: a registry's fronts, etcd's members.
+
+A list is written ``HOST:PORT[,HOST:PORT...]`` on command lines and in the
+environment; each address is checked at once, so that a typo is an error
+rather than a connection retried for ever.
+"""
+
+from __future__ import annotations
+
+
+def parse_hostport(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError(f"bad address {text!r} (want HOST:PORT)")
+    return host, int(port)
+
+
+def split(text: str) -> list[str]:
+    """The addresses of a comma-separated list, in order, blanks dropped."""
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def parse(text: str, *, unix: bool = False) -> list[str]:
+    """Check a list of addresses (``unix:PATH`` too when ``unix``); raise
+    ValueError naming the bad one."""
+    parts = split(text)
+    if not parts:
+        raise ValueError(f"no address in {text!r} (want HOST:PORT[,HOST:PORT...])")
+    for part in parts:
+        if unix and part.startswith("unix:"):
+            if len(parts) > 1:
+                raise ValueError(f"{text!r}: a unix: socket cannot be one of several endpoints")
+            continue
+        parse_hostport(part)
+    if len(set(parts)) != len(parts):
+        raise ValueError(f"{text!r} names an address twice")
+    return parts
+
+
+def registry_address(text: str | list[str]) -> str:
+    """One registry's endpoints (its fronts): HOST:PORT[,HOST:PORT...] or
+    unix:PATH, or a list of them (node.toml); checked, and returned as one
+    comma-separated string."""
+    if isinstance(text, list):
+        if not text or not all(isinstance(t, str) for t in text):
+            raise ValueError("want a non-empty array of HOST:PORT strings")
+        text = ",".join(text)
+    return ",".join(parse(text, unix=True))

@@ -1,0 +1,909 @@
+"""The etcd store: the registry's state kept in an etcd v3 cluster, so that
+the registry outlives any one node and several fronts can serve it at once.
+
+etcd is the truth; this process holds a watch-fed copy (the shared ``State``)
+and answers from it, as Kubernetes' apiserver answers from its watch cache.
+
+Keys, under the prefix P (default ``/geryon/``):
+
+    P s/NAME        a service: {"attrs": {...}, "owner": "..."}; its lease is
+                    the key's etcd lease, its revisions the key's
+    P l/ID          a lease (ID in hex): {"owner": "...", "ttl_ms": N}, put
+                    with the etcd lease it describes, so it goes with it
+    P h/ID          the lease's holder: the token of the KeepAlive stream that
+                    renewed it last ("-" once a front is ending it)
+    P compact       the revision fronts last compacted etcd's history to
+    P hello         written by each front at start, to see its watch catch up
+
+Invariants:
+- A write is acknowledged only once etcd committed it, and once this front's
+  copy shows it. Geryon's revision is etcd's: global, shared by every front,
+  never going back, and not contiguous (lease and holder keys take revisions,
+  and so does anything else writing to the same etcd).
+- Every write is one etcd transaction fenced on what the front saw: the
+  entry's mod_revision (or its absence), the lease's key. A fence that fails
+  means another front moved first: the front catches up and decides again.
+  A refusal that depends on the state is confirmed on a caught-up copy.
+- Reads catch up first (``read``): they reflect every write acknowledged by
+  any front before they began, or fail UNAVAILABLE.
+- Leases are etcd's: etcd expires them, and deletes every key under one in
+  the revision that ends it. A front ends a lease itself only when the client
+  side of the KeepAlive stream holding it goes away; a front that dies or
+  loses etcd ends nothing, so leases then live by their TTL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import logging
+import math
+import os
+import socket
+import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from geryon.errors import (
+    FailedPrecondition,
+    GeryonError,
+    NotFound,
+    OutOfRange,
+    Unavailable,
+)
+from geryon.model import (
+    Caller,
+    Event,
+    EventType,
+    Lease,
+    LeaseID,
+    Revision,
+    Service,
+    validate_name,
+    validate_ttl,
+)
+from geryon.store.base import Store, Written
+from geryon.store.etcd_rpc import Compacted, Etcd, epb, prefix_end
+from geryon.store.state import (
+    STATE_ERRORS,
+    Limits,
+    validate_expected,
+    validate_register,
+    validate_update,
+)
+
+log = logging.getLogger("geryon.store")
+
+T = TypeVar("T")
+
+DEFAULT_PREFIX = "/geryon/"
+ENDING = b"-"  # a holder value no stream token takes
+PAGE = 10_000  # keys per Range page when listing
+# How long the watch may be down before this front stops claiming to serve
+# (and ends its watch streams, so their clients move to another front).
+LOST_AFTER_S = 3.0
+
+
+@dataclass
+class _Plan:
+    """One try at a write: the transaction, and what it means."""
+
+    compare: list[epb.Compare]
+    success: list[epb.RequestOp]
+    # The result once committed at a revision.
+    result: Callable[[Revision], Any]
+    # After a try whose outcome was lost (a timeout, a member gone): on a
+    # caught-up state, the result if the change is there, else None.
+    landed: Callable[[], Written[Any] | None] | None = None
+
+
+class Keys:
+    """The key layout under one prefix."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix.encode()
+        self.end = prefix_end(self.prefix)
+        self.compact = self.prefix + b"compact"
+        self.hello = self.prefix + b"hello"
+
+    def service(self, name: str) -> bytes:
+        return self.prefix + b"s/" + name.encode()
+
+    def lease(self, lease_id: LeaseID) -> bytes:
+        return self.prefix + b"l/%016x" % lease_id
+
+    def holder(self, lease_id: LeaseID) -> bytes:
+        return self.prefix + b"h/%016x" % lease_id
+
+    def parse(self, key: bytes) -> tuple[str, Any]:
+        """("s", name) | ("l", id) | ("h", id) | ("compact", None) | ("", None)."""
+        rest = key[len(self.prefix) :]
+        kind, _, ident = rest.partition(b"/")
+        try:
+            if kind == b"s":
+                return "s", ident.decode()
+            if kind in (b"l", b"h"):
+                return kind.decode(), int(ident, 16)
+        except (UnicodeDecodeError, ValueError):
+            return "", None
+        if rest == b"compact":
+            return "compact", None
+        return "", None
+
+
+def _json(value: object) -> bytes:
+    return json.dumps(value, separators=(",", ":")).encode()
+
+
+def _put(key: bytes, value: bytes, lease: LeaseID = 0) -> epb.RequestOp:
+    return epb.RequestOp(request_put=epb.PutRequest(key=key, value=value, lease=lease))
+
+
+def _count(key: bytes, end: bytes, *, newer_than: Revision = 0) -> epb.RequestOp:
+    return epb.RequestOp(
+        request_range=epb.RangeRequest(
+            key=key, range_end=end, count_only=True, min_mod_revision=newer_than + 1
+        )
+    )
+
+
+def _same_mod(key: bytes, mod_revision: Revision) -> epb.Compare:
+    """The key is as we saw it: unchanged since ``mod_revision`` (0: absent)."""
+    if not mod_revision:
+        return epb.Compare(
+            key=key, target=epb.Compare.CREATE, result=epb.Compare.EQUAL, create_revision=0
+        )
+    return epb.Compare(
+        key=key, target=epb.Compare.MOD, result=epb.Compare.EQUAL, mod_revision=mod_revision
+    )
+
+
+def _exists(key: bytes) -> epb.Compare:
+    return epb.Compare(key=key, target=epb.Compare.VERSION, result=epb.Compare.GREATER, version=0)
+
+
+def _value_is(key: bytes, value: bytes, *, equal: bool = True) -> epb.Compare:
+    # A missing key fails any VALUE compare: only a live lease passes.
+    result = epb.Compare.EQUAL if equal else epb.Compare.NOT_EQUAL
+    return epb.Compare(key=key, target=epb.Compare.VALUE, result=result, value=value)
+
+
+class EtcdStore(Store):
+    """The state, fed by etcd's watch; writes as fenced etcd transactions."""
+
+    def __init__(
+        self,
+        etcd: Etcd,
+        prefix: str = DEFAULT_PREFIX,
+        *,
+        limits: Limits | None = None,
+        compact_interval: float = 60.0,
+    ) -> None:
+        super().__init__(limits=limits)
+        self.etcd = etcd
+        self.keys = Keys(prefix)
+        self.prefix = prefix
+        self.compact_interval = compact_interval
+        self.front = f"{socket.gethostname()}:{os.getpid()}"
+        # Keys under the prefix in this copy: the catch-up check compares it
+        # with etcd's count.
+        self._key_count = 0
+        self._holders: dict[LeaseID, bytes] = {}
+        # The compaction key: its version (for the CAS) and revision.
+        self._compact_version = 0
+        self._compacted_at: Revision = 0
+        self._listed_at: Revision = 0
+        self._advanced = asyncio.Event()  # replaced each time the copy moves
+        self._next_round: asyncio.Future[Revision] | None = None
+        self._rounds: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._serving: str | None = "starting"  # None: serving; else why not
+        self._watch_up = asyncio.Event()
+        self._ttl_limit = asyncio.Semaphore(32)
+        self._last_error = ""
+
+    def describe(self) -> str:
+        return f"etcd {self.etcd} prefix {self.prefix}"
+
+    # ---- opening and closing ------------------------------------------------
+
+    @classmethod
+    async def open(
+        cls,
+        targets: Sequence[str],
+        *,
+        prefix: str = DEFAULT_PREFIX,
+        tls_dir: Path | None = None,
+        limits: Limits | None = None,
+        give_up_after: float = 5.0,
+        compact_interval: float = 60.0,
+        start_timeout: float = 10.0,
+    ) -> EtcdStore:
+        """Connect, list the prefix, and start following it. An operation
+        that etcd has not answered in ``give_up_after`` seconds fails
+        UNAVAILABLE; starting fails so after ``start_timeout``."""
+        if not prefix.startswith("/") or not prefix.endswith("/"):
+            raise FailedPrecondition(f"--etcd-prefix: want /PATH/, got {prefix!r}")
+        store = cls(
+            Etcd(targets, tls_dir=tls_dir, timeout=give_up_after),
+            prefix,
+            limits=limits,
+            compact_interval=compact_interval,
+        )
+        try:
+            async with asyncio.timeout(start_timeout):
+                await store._start()
+        except TimeoutError:
+            await store.close()
+            why = f" ({store._last_error})" if store._last_error else ""
+            raise Unavailable(
+                f"etcd {store.etcd}: not reachable in {start_timeout:g}s{why}"
+            ) from None
+        except BaseException:
+            await store.close()
+            raise
+        return store
+
+    async def _persist(self, attempt: Callable[[], Awaitable[T]]) -> T:
+        """``attempt`` until etcd answers (the caller bounds how long)."""
+        while True:
+            try:
+                return await attempt()
+            except Unavailable as exc:
+                self._last_error = str(exc)
+                log.warning("registryd: %s; retrying", exc)
+                await asyncio.sleep(0.5)
+
+    async def _start(self) -> None:
+        await self._persist(self._list)
+        # Replay what etcd still holds of the history before the list (from
+        # the fronts' last compaction, which keeps it within the window's
+        # bounds), for watches resuming from there; then follow. One watch
+        # does both.
+        self._tasks.append(
+            asyncio.create_task(self._follow(self.oldest_revision), name="etcd-watch")
+        )
+        # A write of our own, seen through the watch, says the replay is over.
+        hello = await self._persist(
+            lambda: self.etcd.txn(success=[_put(self.keys.hello, self.front.encode())], repeat=True)
+        )
+        while self.revision < hello.header.revision:
+            await self._advanced.wait()
+        self._serving = None
+        self._tasks.append(asyncio.create_task(self._health_loop(), name="etcd-health"))
+        if self.compact_interval > 0:
+            self._tasks.append(asyncio.create_task(self._compact_loop(), name="etcd-compactor"))
+
+    async def _list(self) -> None:
+        """Load the state: every key under the prefix at one revision."""
+        self._clear()
+        key, at = self.keys.prefix, 0
+        while True:
+            r = await self.etcd.range(key, self.keys.end, revision=at, limit=PAGE)
+            at = at or r.header.revision
+            for kv in r.kvs:
+                self._load(kv)
+            if not r.more or not r.kvs:
+                break
+            key = r.kvs[-1].key + b"\0"
+        self.link_leases()
+        self.revision = self.durable_revision = self._listed_at = at
+
+    def _clear(self) -> None:
+        self.services.clear()
+        self.names.clear()
+        self.index.clear()
+        self.having.clear()
+        self.leases.clear()
+        self._holders.clear()
+        self._key_count = 0
+
+    def _load(self, kv: epb.KeyValue) -> None:
+        self._key_count += 1
+        kind, ident = self.keys.parse(kv.key)
+        if kind == "s":
+            s = self._service(ident, kv)
+            if s is not None:
+                self.index_add(s)
+        elif kind == "l":
+            lease = self._lease(ident, kv)
+            if lease is not None:
+                self.leases[lease.id] = lease
+        elif kind == "h":
+            self._holders[ident] = kv.value
+        elif kind == "compact":
+            self._compacted(kv)
+
+    def _compacted(self, kv: epb.KeyValue) -> None:
+        """A front compacted etcd's history: no front serves below it now."""
+        self._compact_version = kv.version
+        with contextlib.suppress(ValueError):
+            self._compacted_at = int(kv.value)
+            self.forget_before(self._compacted_at)
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._tasks.clear()
+        if self._rounds is not None:
+            self._rounds.cancel()
+        await self.etcd.close()
+
+    # ---- decoding -----------------------------------------------------------
+
+    def _service(self, name: str, kv: epb.KeyValue) -> Service | None:
+        try:
+            v = json.loads(kv.value)
+            attrs, owner = v["attrs"], v["owner"]
+            if not isinstance(attrs, dict) or not isinstance(owner, str):
+                raise TypeError
+            validate_name(name)
+        except (ValueError, KeyError, TypeError, GeryonError):
+            log.warning("registryd: etcd key %r holds no service; ignored", kv.key)
+            return None
+        return Service(name, attrs, kv.lease, owner, kv.create_revision, kv.mod_revision)
+
+    def _lease(self, lease_id: LeaseID, kv: epb.KeyValue) -> Lease | None:
+        try:
+            v = json.loads(kv.value)
+            return Lease(lease_id, int(v["ttl_ms"]), str(v["owner"]))
+        except (ValueError, KeyError, TypeError):
+            log.warning("registryd: etcd key %r holds no lease; ignored", kv.key)
+            return None
+
+    # ---- following etcd -----------------------------------------------------
+
+    async def _follow(self, start: Revision) -> None:
+        """Keep the copy in step with etcd, for ever: resume the watch from
+        the next revision whenever it breaks; re-list if etcd compacted the
+        history we need (a front that was away too long)."""
+        delay = 0.05
+        lost_since: float | None = None
+        while True:
+            try:
+                async for r in self.etcd.watch(
+                    self.keys.prefix, self.keys.end, start_revision=start
+                ):
+                    if lost_since is not None:
+                        log.info("registryd: etcd watch is back (%s)", self.etcd.member().target)
+                        lost_since = None
+                    self._watch_up.set()
+                    self._apply(r.events)
+                    if r.events:  # resume after the last revision seen, replayed or not
+                        start = max(start, r.events[-1].kv.mod_revision + 1)
+                    delay = 0.05
+            except Compacted as exc:
+                if exc.revision <= self.revision + 1:
+                    # Only history older than the copy is gone (we were
+                    # replaying it): the window starts where etcd's does.
+                    self.forget_before(exc.revision)
+                    start = exc.revision
+                else:  # changes to the copy itself are gone
+                    await self._relist(exc)
+                    start = self.revision + 1
+                continue
+            except GeryonError as exc:
+                self._watch_up.clear()
+                now = time.monotonic()
+                if lost_since is None:
+                    lost_since = now
+                    log.warning("registryd: etcd watch: %s; resuming", exc)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 1.0)
+
+    async def _relist(self, exc: Compacted) -> None:
+        """Our watch cannot resume: the history it needs is gone. Load the
+        state afresh; watchers here lost continuity, so they are told to
+        re-list too (OUT_OF_RANGE), as clients already do after compaction."""
+        log.warning("registryd: %s: re-listing", exc)
+        await self._persist(self._list)
+        self.history.clear()
+        self.history_events = 0
+        self.oldest_revision = self.revision + 1
+        self._wake()
+        self.lost(
+            OutOfRange(
+                f"registryd: history before revision {self.oldest_revision} is gone",
+                resume_revision=self.oldest_revision,
+            )
+        )
+
+    def _apply(self, events: Iterable[epb.Event]) -> None:
+        """One watch response: whole revisions, in order."""
+        for rev, group in itertools.groupby(events, key=lambda e: e.kv.mod_revision):
+            if rev <= self.revision:  # already in the list we started from
+                if rev >= self.oldest_revision:
+                    self._remember(rev, list(group))
+                continue
+            changes = [self._change(e) for e in group]
+            self.revision = rev
+            self.publish(rev, tuple(e for e in changes if e is not None), time.time())
+        # The window's bounds, as the SQLite store keeps them; every front
+        # sees the same events, so every front drops the same revisions.
+        # etcd's own history follows at the next compaction.
+        self.trim_history(now=time.time())
+        self._wake()
+
+    def _change(self, e: epb.Event) -> Event | None:
+        """Apply one etcd event to the copy; the registry event it makes."""
+        kv = e.kv
+        kind, ident = self.keys.parse(kv.key)
+        if e.type == epb.Event.DELETE:
+            self._key_count -= 1
+            if kind == "s":
+                prev = self.services.get(ident)
+                return self.delete(prev, kv.mod_revision) if prev is not None else None
+            if kind == "l":
+                self.leases.pop(ident, None)
+            elif kind == "h":
+                self._holders.pop(ident, None)
+            return None
+        if kv.version == 1:
+            self._key_count += 1
+        if kind == "s":
+            new, prev = self._service(ident, kv), self.services.get(ident)
+            if new is None:  # not ours to read: as good as gone
+                return self.delete(prev, kv.mod_revision) if prev is not None else None
+            return self.put(new, prev)
+        if kind == "l":
+            lease = self._lease(ident, kv)
+            if lease is not None and ident not in self.leases:
+                self.leases[ident] = lease
+        elif kind == "h":
+            self._holders[ident] = kv.value
+        elif kind == "compact":
+            self._compacted(kv)
+        return None
+
+    def _remember(self, rev: Revision, events: list[epb.Event]) -> None:
+        """A revision from before our list, for the history window only."""
+        out = []
+        for e in events:
+            kind, name = self.keys.parse(e.kv.key)
+            if kind != "s":
+                continue
+            prev = self._service(name, e.prev_kv) if e.HasField("prev_kv") else None
+            if prev is None and (e.type == epb.Event.DELETE or e.kv.version > 1):
+                # What it changed was compacted away: watchers could not be
+                # told what left their filters. The window starts after it.
+                self.forget_before(rev + 1)
+                return
+            if e.type == epb.Event.DELETE:
+                out.append(Event(EventType.DELETE, prev, prev, rev))
+            elif (new := self._service(name, e.kv)) is not None:
+                out.append(Event(EventType.PUT, new, prev, rev))
+        if out:
+            self.record(rev, tuple(out), time.time())
+
+    def _wake(self) -> None:
+        advanced, self._advanced = self._advanced, asyncio.Event()
+        advanced.set()
+
+    async def _until(self, revision: Revision, deadline: float) -> bool:
+        """Wait until the copy reaches ``revision``; False at ``deadline``."""
+        loop = asyncio.get_running_loop()
+        while self.revision < revision:
+            left = deadline - loop.time()
+            if left <= 0:
+                return False
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(left):
+                    await self._advanced.wait()
+        return True
+
+    # ---- the read barrier ---------------------------------------------------
+
+    async def read(self, look: Callable[[], T]) -> tuple[T, Revision]:
+        revision = await self._caught_up()
+        return look(), revision
+
+    async def _caught_up(self) -> Revision:
+        """Wait until the copy reflects every write committed before now.
+
+        Reads arriving while one catch-up is on its way wait for the next one
+        (which starts after they arrived); all of them share it, so a burst
+        of reads costs one etcd round trip, not one each."""
+        if self._next_round is None:
+            self._next_round = asyncio.get_running_loop().create_future()
+            self._next_round.add_done_callback(_consume)
+            if self._rounds is None or self._rounds.done():
+                self._rounds = asyncio.create_task(self._run_rounds(), name="etcd-catch-up")
+        return await asyncio.shield(self._next_round)
+
+    async def _run_rounds(self) -> None:
+        while self._next_round is not None:
+            round_, self._next_round = self._next_round, None
+            try:
+                round_.set_result(await self._catch_up_once())
+            except GeryonError as exc:
+                round_.set_exception(exc)
+
+    async def _catch_up_once(self) -> Revision:
+        """One catch-up: etcd's current revision R, then wait for the copy.
+
+        The copy is at R when its revision is R, or when nothing under the
+        prefix differs: etcd holds as many keys as the copy and none changed
+        since the copy's revision (then every key etcd holds was in the copy,
+        unchanged, and no other). That answers without waiting for a watch
+        notice that may never come (revisions made by other keys), and
+        without trusting progress notices, which etcd 3.4 can send ahead of
+        the events they cover."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.etcd.timeout
+        while True:
+            at, count = self.revision, self._key_count
+            try:
+                r = await self.etcd.txn(
+                    success=[
+                        _count(self.keys.prefix, self.keys.end),
+                        _count(self.keys.prefix, self.keys.end, newer_than=at),
+                    ],
+                    repeat=True,  # a read
+                    within=max(0.1, deadline - loop.time()),
+                )
+            except Unavailable as exc:
+                self._health(str(exc))
+                raise
+            now = r.header.revision
+            if self.revision >= now:
+                break
+            total = r.responses[0].response_range.count
+            newer = r.responses[1].response_range.count
+            if self.revision == at and newer == 0 and total == count:
+                break
+            # Something changed after ``at``: its events are on their way.
+            if not await self._until(at + 1, deadline):
+                err = Unavailable(f"registryd: behind etcd (at {self.revision}, etcd at {now})")
+                self._health(str(err))
+                raise err
+        self._health(None)
+        return now
+
+    # ---- writes -------------------------------------------------------------
+
+    async def _transact(self, plan: Callable[[], _Plan]) -> Written[Any]:
+        """Decide, commit fenced, and on a failed fence or a lost answer,
+        catch up and decide again."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.etcd.timeout
+        fresh = False  # decided on a caught-up copy
+        lost: _Plan | None = None  # a try whose outcome we did not hear
+        while True:
+            if lost is not None and lost.landed is not None:
+                done = lost.landed()
+                if done is not None:
+                    return done
+            try:
+                p = plan()
+            except STATE_ERRORS:
+                if fresh:
+                    raise
+                await self._caught_up()
+                fresh = True
+                continue
+            try:
+                r = await self.etcd.txn(
+                    p.compare, p.success, within=max(0.1, deadline - loop.time())
+                )
+            except NotFound:  # the lease ended as we wrote
+                r = None
+            except Unavailable:
+                if loop.time() >= deadline:
+                    raise
+                lost = p
+                r = None
+            if r is not None and r.succeeded:
+                revision = r.header.revision
+                if p.success:  # answer once this front shows it
+                    await self._until(revision, deadline)
+                return Written(p.result(revision), revision)
+            if loop.time() >= deadline:
+                raise Unavailable("registryd: etcd: the entry kept changing; try again")
+            await self._caught_up()
+            fresh = True
+
+    def _service_put(
+        self, name: str, attrs: Mapping[str, str], lease: LeaseID, owner: str
+    ) -> epb.RequestOp:
+        return _put(self.keys.service(name), _json({"attrs": attrs, "owner": owner}), lease)
+
+    def _fences(self, name: str, prev: Service | None, lease: LeaseID) -> list[epb.Compare]:
+        out = [_same_mod(self.keys.service(name), prev.mod_revision if prev else 0)]
+        if lease:
+            out.append(_exists(self.keys.lease(lease)))
+        return out
+
+    def _now_is(
+        self, name: str, attrs: Mapping[str, str], lease: LeaseID, owner: str, since: Revision
+    ) -> Written[Service] | None:
+        """The entry as a lost try would have left it, if it is so now."""
+        s = self.services.get(name)
+        if s is None or s.mod_revision <= since:
+            return None
+        return (
+            Written(s, s.mod_revision)
+            if (s.attrs, s.lease, s.owner) == (attrs, lease, owner)
+            else None
+        )
+
+    async def register(
+        self,
+        name: str,
+        attrs: Mapping[str, str],
+        *,
+        lease: LeaseID,
+        persist: bool,
+        caller: Caller,
+        create_only: bool = False,
+    ) -> Written[Service]:
+        attrs = validate_register(name, attrs, lease=lease, persist=persist)
+
+        def plan() -> _Plan:
+            prev, noop = self.check_register(
+                name, attrs, lease=lease, caller=caller, create_only=create_only
+            )
+            fences = self._fences(name, prev, lease)
+            if noop:  # still as asked for: nothing to write, but say so at a revision
+                return _Plan(fences, [], lambda _: prev)
+            since = prev.mod_revision if prev else 0
+            return _Plan(
+                fences,
+                [self._service_put(name, attrs, lease, caller.name)],
+                lambda rev: Service(
+                    name, attrs, lease, caller.name, prev.create_revision if prev else rev, rev
+                ),
+                lambda: self._now_is(name, attrs, lease, caller.name, since),
+            )
+
+        return await self._transact(plan)
+
+    async def update(
+        self,
+        name: str,
+        set_attrs: Mapping[str, str],
+        remove_attrs: Iterable[str],
+        *,
+        expected_mod_revision: Revision,
+        caller: Caller,
+    ) -> Written[Service]:
+        set_attrs, remove = validate_update(name, set_attrs, remove_attrs, expected_mod_revision)
+        first: list[Service] = []  # the entry as the first try saw it
+
+        def plan() -> _Plan:
+            prev, attrs = self.check_update(
+                name, set_attrs, remove, expected_mod_revision=expected_mod_revision, caller=caller
+            )
+            first.append(prev)
+            fences = self._fences(name, prev, 0)
+            if attrs == prev.attrs:
+                return _Plan(fences, [], lambda _: prev)
+            return _Plan(
+                fences,
+                [self._service_put(name, attrs, prev.lease, prev.owner)],
+                lambda rev: Service(name, attrs, prev.lease, prev.owner, prev.create_revision, rev),
+                lambda: self._now_is(name, attrs, prev.lease, prev.owner, first[0].mod_revision),
+            )
+
+        return await self._transact(plan)
+
+    async def unregister(
+        self, name: str, *, expected_mod_revision: Revision, caller: Caller
+    ) -> Written[Service]:
+        validate_name(name)
+        validate_expected(expected_mod_revision)
+        first: list[Service] = []
+
+        def gone() -> Written[Service] | None:
+            s = self.services.get(name)
+            if s is None or s.create_revision > first[0].mod_revision:
+                return Written(first[0], self.revision)
+            return None
+
+        def plan() -> _Plan:
+            prev = self.owned_service(name, caller, expected_mod_revision)
+            first.append(prev)
+            key = self.keys.service(name)
+            return _Plan(
+                [_same_mod(key, prev.mod_revision)],
+                [epb.RequestOp(request_delete_range=epb.DeleteRangeRequest(key=key))],
+                lambda _: prev,
+                gone,
+            )
+
+        return await self._transact(plan)
+
+    # ---- leases -------------------------------------------------------------
+
+    async def grant(self, ttl_ms: int, *, caller: Caller) -> Written[Lease]:
+        validate_ttl(ttl_ms)
+        # etcd's TTLs are whole seconds, and at least its minimum.
+        lease_id, ttl_s = await self.etcd.grant(math.ceil(ttl_ms / 1000))
+        lease = Lease(lease_id, ttl_s * 1000, caller.name)
+        meta = _json({"owner": lease.owner, "ttl_ms": lease.ttl_ms})
+        try:
+            # Repeatable: the same two puts again change nothing that matters.
+            r = await self.etcd.txn(
+                success=[
+                    _put(self.keys.lease(lease_id), meta, lease_id),
+                    _put(self.keys.holder(lease_id), b"", lease_id),
+                ],
+                repeat=True,
+            )
+        except NotFound:
+            raise Unavailable(f"etcd: lease {lease_id} ended as it was granted") from None
+        loop = asyncio.get_running_loop()
+        await self._until(r.header.revision, loop.time() + self.etcd.timeout)
+        return Written(lease, r.header.revision)
+
+    async def _lease_for(
+        self, lease_id: LeaseID, check: Callable[[], Lease | None]
+    ) -> Lease | None:
+        """``check`` on this copy, and again once caught up if it found no
+        lease (it may have been granted through another front just now) or
+        refused."""
+        try:
+            lease = check()
+            if lease is not None:
+                return lease
+        except STATE_ERRORS:
+            pass
+        await self._caught_up()
+        return check()
+
+    async def keepalive(self, lease_id: LeaseID, *, caller: Caller, holder: str) -> int:
+        lease = await self._lease_for(lease_id, lambda: self.check_keepalive(lease_id, caller))
+        if lease is None:
+            return 0
+        if await self.etcd.keepalive(lease_id) <= 0:
+            return 0
+        token = holder.encode()
+        if self._holders.get(lease_id) != token:
+            # This stream holds it from now on; not if a front is ending it.
+            key = self.keys.holder(lease_id)
+            try:
+                r = await self.etcd.txn(
+                    [_value_is(key, ENDING, equal=False)], [_put(key, token, lease_id)]
+                )
+            except NotFound:
+                return 0
+            if not r.succeeded:
+                return 0
+            self._holders[lease_id] = token
+        return lease.ttl_ms
+
+    async def release(self, lease_id: LeaseID, *, holder: str) -> int | None:
+        token = holder.encode()
+        if self._holders.get(lease_id) != token:
+            return None
+        key = self.keys.holder(lease_id)
+        # Only if no stream took it since, here or at another front; once
+        # marked, no stream can take it.
+        try:
+            r = await self.etcd.txn([_value_is(key, token)], [_put(key, ENDING, lease_id)])
+        except NotFound:
+            return None
+        if not r.succeeded:
+            return None
+        lease = self.leases.get(lease_id)
+        deleted = len(lease.services) if lease is not None else 0
+        with contextlib.suppress(NotFound):
+            await self.etcd.revoke(lease_id)
+        return deleted
+
+    async def revoke(self, lease_id: LeaseID, *, caller: Caller) -> Written[int]:
+        lease = await self._lease_for(lease_id, lambda: self.check_revoke(lease_id, caller))
+        assert lease is not None  # check_revoke raises rather than answer None
+        deleted = len(lease.services)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.etcd.timeout
+        while True:
+            try:
+                revision = await self.etcd.revoke(lease_id)
+                break
+            except NotFound:
+                raise NotFound(f"lease {lease_id} not found or expired") from None
+            except Unavailable:
+                # Did it go through? After catching up, the lease says.
+                if loop.time() >= deadline:
+                    raise
+                await self._caught_up()
+                if lease_id not in self.leases:
+                    return Written(deleted, self.revision)
+        await self._until(revision, deadline)
+        return Written(deleted, revision)
+
+    async def remaining_ms(self, leases: list[Lease]) -> list[int]:
+        async def left(lease: Lease) -> int:
+            async with self._ttl_limit:
+                ttl = await self.etcd.time_to_live(lease.id)
+            return max(0, ttl * 1000)
+
+        return list(await asyncio.gather(*(left(lease) for lease in leases)))
+
+    # ---- compaction ---------------------------------------------------------
+
+    async def _compact_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.compact_interval)
+            try:
+                await self.compact()
+            except GeryonError as exc:
+                log.warning("registryd: etcd compaction: %s", exc)
+
+    async def compact(self) -> Revision | None:
+        """Compact etcd's history to this front's window (the revisions its
+        count and age bounds dropped). Only one front does it at a time: the
+        one whose compare-and-swap on the compaction key wins (as Kubernetes'
+        compactor). Returns the revision compacted to, None when nothing was."""
+        target = self.oldest_revision
+        if target <= max(self._compacted_at, 1):
+            return None
+        r = await self.etcd.txn(
+            [
+                epb.Compare(
+                    key=self.keys.compact,
+                    target=epb.Compare.VERSION,
+                    result=epb.Compare.EQUAL,
+                    version=self._compact_version,
+                )
+            ],
+            [_put(self.keys.compact, str(target).encode())],
+        )
+        if not r.succeeded:
+            return None  # another front moved first; we learn its point by the watch
+        try:
+            # One revision more than we serve: etcd gives an event the value
+            # it replaced (prev_kv) only while it holds the revision before.
+            await self.etcd.compact(target - 1)
+        except OutOfRange:  # etcd was already compacted past it
+            pass
+        log.info("registryd: compacted etcd's history to revision %d", target)
+        return target
+
+    # ---- health -------------------------------------------------------------
+
+    async def _health_loop(self) -> None:
+        """Not serving while reads fail or the watch is down; once the watch
+        has been down a while, send this front's streams elsewhere."""
+        down_since: float | None = None
+        while True:
+            await asyncio.sleep(0.5)
+            if self._watch_up.is_set():
+                down_since = None
+                if self._serving is not None:  # is etcd back?
+                    with contextlib.suppress(GeryonError):
+                        await self._caught_up()
+                continue
+            now = time.monotonic()
+            if down_since is None:
+                down_since = now
+            elif down_since != -1 and now - down_since >= LOST_AFTER_S:
+                down_since = -1  # said once per outage
+                cause = f"lost etcd {self.etcd}"
+                self._health(cause)
+                # Watchers here would hear nothing: send them elsewhere.
+                self.lost(Unavailable(f"registryd: {cause}"))
+
+    def _health(self, cause: str | None) -> None:
+        """Serving (None) or not, and why; only changes are said."""
+        if (cause is None) == (self._serving is None):
+            return
+        self._serving = cause
+        if cause is None:
+            log.info("registryd: etcd reachable again: serving")
+        else:
+            log.warning("registryd: not serving: %s", cause)
+        self.set_health(cause)
+
+
+def _consume(fut: asyncio.Future[Any]) -> None:
+    """Mark a shared future's exception as seen: its waiters may all be gone."""
+    if not fut.cancelled():
+        fut.exception()

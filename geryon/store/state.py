@@ -1,0 +1,339 @@
+"""What every store keeps in memory, whichever backend makes it durable.
+
+The services with their attribute index, the leases with the names under
+each, the revision, and the window of history that watches resume from. Reads
+(Get, Find, Leases, history) are answered from here. The rules that decide
+whether a write is allowed (ownership, leases, fences, limits) live here too,
+as checks that raise domain errors and change nothing, so that both backends
+refuse the same requests with the same words.
+
+Nothing here does I/O: the SQLite backend changes this state as it decides a
+write, the etcd backend as etcd's watch tells it what was committed.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import deque
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from sortedcontainers import SortedList
+
+from geryon.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    OutOfRange,
+    PermissionDenied,
+    ResourceExhausted,
+)
+from geryon.model import (
+    WILDCARD,
+    Caller,
+    Event,
+    EventType,
+    Filter,
+    Lease,
+    LeaseID,
+    Revision,
+    Service,
+    validate_attr_name,
+    validate_attrs,
+    validate_name,
+)
+
+
+@dataclass
+class Limits:
+    """Bounds that keep one client from filling the registry."""
+
+    services_per_lease: int = 10_000
+    history_events: int = 100_000
+    history_age_s: float = 3600.0
+
+
+# Refusals that depend on what the state holds (not on the request alone): a
+# backend whose state may lag the truth confirms them on fresh state first.
+STATE_ERRORS = (AlreadyExists, FailedPrecondition, NotFound, PermissionDenied, ResourceExhausted)
+
+
+class State:
+    """Services, their index, leases, the revision and the history window."""
+
+    def __init__(self, *, limits: Limits | None = None) -> None:
+        self.limits = limits or Limits()
+        self.services: dict[str, Service] = {}
+        self.names: SortedList = SortedList()
+        # attr -> value -> names, and attr -> names having it (for "*").
+        self.index: dict[str, dict[str, set[str]]] = {}
+        self.having: dict[str, set[str]] = {}
+        self.leases: dict[LeaseID, Lease] = {}
+        # ``revision``: every change up to it is in this state (the SQLite
+        # backend applies before it is durable); ``durable_revision``: every
+        # change up to it is durable and was handed to watchers.
+        self.revision: Revision = 0
+        self.durable_revision: Revision = 0
+        # (revision, events, wall time) for every durable revision still held.
+        self.history: deque[tuple[Revision, tuple[Event, ...], float]] = deque()
+        self.oldest_revision: Revision = 1
+        self.history_events = 0  # events held in self.history
+
+    # ---- the index ----------------------------------------------------------
+
+    def index_add(self, s: Service) -> None:
+        if s.name not in self.services:
+            self.names.add(s.name)
+        self.services[s.name] = s
+        for attr, value in s.attrs.items():
+            self.index.setdefault(attr, {}).setdefault(value, set()).add(s.name)
+            self.having.setdefault(attr, set()).add(s.name)
+
+    def index_remove(self, s: Service) -> None:
+        del self.services[s.name]
+        self.names.remove(s.name)
+        for attr, value in s.attrs.items():
+            values = self.index[attr]
+            names = values[value]
+            names.discard(s.name)
+            if not names:
+                del values[value]
+                if not values:
+                    del self.index[attr]
+            having = self.having[attr]
+            having.discard(s.name)
+            if not having:
+                del self.having[attr]
+
+    # ---- applying changes ---------------------------------------------------
+
+    def put(self, new: Service, prev: Service | None) -> Event:
+        """Replace ``prev`` (None: create) by ``new``; return the PUT event."""
+        if prev is not None:
+            self.index_remove(prev)
+            if prev.lease and prev.lease in self.leases:
+                self.leases[prev.lease].services.discard(prev.name)
+        self.index_add(new)
+        if new.lease and new.lease in self.leases:
+            self.leases[new.lease].services.add(new.name)
+        return Event(EventType.PUT, new, prev, new.mod_revision)
+
+    def delete(self, s: Service, revision: Revision) -> Event:
+        self.index_remove(s)
+        if s.lease and s.lease in self.leases:
+            self.leases[s.lease].services.discard(s.name)
+        return Event(EventType.DELETE, s, s, revision)
+
+    def link_leases(self) -> None:
+        """After loading services and leases in any order: each lease's names."""
+        for s in self.services.values():
+            if s.lease and s.lease in self.leases:
+                self.leases[s.lease].services.add(s.name)
+
+    # ---- reads --------------------------------------------------------------
+
+    def get(self, name: str) -> Service:
+        validate_name(name)
+        try:
+            return self.services[name]
+        except KeyError:
+            raise NotFound(f"no service {name!r}") from None
+
+    def find(self, flt: Filter) -> list[Service]:
+        """Every service matching ``flt``, sorted by name."""
+        # Walk the smallest candidate set any term offers, so a Find costs
+        # about what its answer costs, not a scan of every entry.
+        candidates: Iterable[str] | None = None
+        for attr, want in flt.attrs.items():
+            names = (
+                self.having.get(attr) if want == WILDCARD else self.index.get(attr, {}).get(want)
+            )
+            if not names:
+                return []
+            if candidates is None or len(names) < len(candidates):  # type: ignore[arg-type]
+                candidates = names
+        if candidates is None:
+            if flt.prefix:
+                # Names with the prefix sort first from it on; no string bounds
+                # them from above (prefix + U+10FFFF + more sorts past that).
+                candidates = itertools.takewhile(
+                    lambda n: n.startswith(flt.prefix), self.names.irange(flt.prefix)
+                )
+            else:
+                candidates = self.names
+            out = [self.services[n] for n in candidates]
+            return [s for s in out if flt.matches(s)] if flt.attrs or flt.prefix else out
+        return sorted(
+            (s for n in candidates if flt.matches(s := self.services[n])),
+            key=lambda s: s.name,
+        )
+
+    def lease_list(self) -> list[Lease]:
+        return [self.leases[i] for i in sorted(self.leases)]
+
+    # ---- what a write may do (checks only: nothing changes) ------------------
+
+    def owned_lease(self, lease_id: LeaseID, caller: Caller) -> Lease:
+        lease = self.leases.get(lease_id)
+        if lease is None:
+            raise NotFound(f"lease {lease_id} not found or expired")
+        if lease.owner != caller.name:
+            raise PermissionDenied(f"lease {lease_id} belongs to {lease.owner}, not {caller.name}")
+        return lease
+
+    def owned_service(self, name: str, caller: Caller, expected: Revision) -> Service:
+        s = self.get(name)
+        if s.owner != caller.name and not caller.admin:
+            raise PermissionDenied(f"{name} belongs to {s.owner}, not {caller.name}")
+        if expected and s.mod_revision != expected:
+            raise FailedPrecondition(
+                f"{name} changed: mod_revision is {s.mod_revision}, expected {expected}"
+            )
+        return s
+
+    def check_register(
+        self,
+        name: str,
+        attrs: Mapping[str, str],
+        *,
+        lease: LeaseID,
+        caller: Caller,
+        create_only: bool,
+    ) -> tuple[Service | None, bool]:
+        """May ``caller`` register ``name``? Return the entry it replaces (None
+        when new) and whether the request changes nothing. ``attrs`` and the
+        lease/persist choice were validated by ``validate_register``."""
+        if lease:
+            held = self.owned_lease(lease, caller)
+            if len(held.services) >= self.limits.services_per_lease and name not in held.services:
+                raise ResourceExhausted(
+                    f"lease {lease} holds {len(held.services)} services, the limit"
+                )
+        prev = self.services.get(name)
+        if prev is not None and prev.owner != caller.name:
+            raise AlreadyExists(f"{name} is registered by {prev.owner}")
+        if prev is not None and create_only:
+            raise FailedPrecondition(
+                f"{name}: create_only, but it exists (created at revision {prev.create_revision})"
+            )
+        noop = prev is not None and prev.attrs == attrs and prev.lease == lease
+        return prev, noop
+
+    def check_update(
+        self,
+        name: str,
+        set_attrs: Mapping[str, str],
+        remove: set[str],
+        *,
+        expected_mod_revision: Revision,
+        caller: Caller,
+    ) -> tuple[Service, dict[str, str]]:
+        """May ``caller`` update ``name``? Return it and its attributes after."""
+        prev = self.owned_service(name, caller, expected_mod_revision)
+        attrs = {k: v for k, v in prev.attrs.items() if k not in remove}
+        attrs.update(set_attrs)
+        validate_attrs(attrs)
+        return prev, attrs
+
+    def check_revoke(self, lease_id: LeaseID, caller: Caller | None) -> Lease:
+        """The lease ``caller`` may end (None: the registry itself)."""
+        if caller is None:
+            lease = self.leases.get(lease_id)
+            if lease is None:
+                raise NotFound(f"lease {lease_id} not found or expired")
+            return lease
+        if caller.admin and lease_id in self.leases:
+            return self.leases[lease_id]
+        return self.owned_lease(lease_id, caller)
+
+    def check_keepalive(self, lease_id: LeaseID, caller: Caller) -> Lease | None:
+        """The lease to renew, or None when it is gone."""
+        lease = self.leases.get(lease_id)
+        if lease is not None and lease.owner != caller.name:
+            raise PermissionDenied(f"lease {lease_id} belongs to {lease.owner}, not {caller.name}")
+        return lease
+
+    # ---- history ------------------------------------------------------------
+
+    def record(self, revision: Revision, events: tuple[Event, ...], ts: float) -> None:
+        """Hold a durable revision's events in the history window."""
+        self.history.append((revision, events, ts))
+        self.history_events += len(events)
+
+    def history_bound(self, *, now: float) -> Revision:
+        """The oldest revision the window's count and age bounds keep (one
+        past the newest held when they keep none of it)."""
+        limit, oldest_ts = self.limits.history_events, now - self.limits.history_age_s
+        events = self.history_events
+        bound = self.oldest_revision
+        for rev, held, ts in self.history:
+            if events <= limit and ts >= oldest_ts:
+                return rev
+            events -= len(held)
+            bound = rev + 1
+        return bound
+
+    def trim_history(self, *, now: float) -> bool:
+        """Drop whole revisions past the window's bounds; say whether
+        anything was dropped (``oldest_revision`` moved)."""
+        bound = self.history_bound(now=now)
+        if bound <= self.oldest_revision:
+            return False
+        self.forget_before(bound)
+        return True
+
+    def forget_before(self, revision: Revision) -> None:
+        """Drop the history below ``revision`` (trimmed here, or compacted
+        by another process sharing the store)."""
+        while self.history and self.history[0][0] < revision:
+            _, events, _ = self.history.popleft()
+            self.history_events -= len(events)
+        self.oldest_revision = max(self.oldest_revision, revision)
+
+    def history_since(self, start: Revision) -> list[tuple[Revision, tuple[Event, ...]]]:
+        """Durable revisions >= start, oldest first. Raises OutOfRange when
+        part of that history was compacted away."""
+        if start < self.oldest_revision:
+            raise OutOfRange(
+                f"revision {start} compacted; oldest held is {self.oldest_revision}",
+                resume_revision=self.oldest_revision,
+            )
+        out = []
+        for rev, events, _ in reversed(self.history):
+            if rev < start:
+                break
+            out.append((rev, events))
+        out.reverse()
+        return out
+
+
+def validate_register(
+    name: str, attrs: Mapping[str, str], *, lease: LeaseID, persist: bool
+) -> dict[str, str]:
+    """Check a Register request on its own; return its attributes."""
+    validate_name(name)
+    attrs = validate_attrs(attrs)
+    if bool(lease) == persist:
+        raise InvalidArgument("lease, persist: give exactly one of a lease and persist")
+    if lease < 0:
+        raise InvalidArgument(f"lease: bad lease id {lease}")
+    return attrs
+
+
+def validate_update(
+    name: str, set_attrs: Mapping[str, str], remove_attrs: Iterable[str], expected: Revision
+) -> tuple[dict[str, str], set[str]]:
+    """Check an Update request on its own; return what to set and remove."""
+    validate_name(name)
+    set_attrs = validate_attrs(set_attrs, "set_attrs")
+    remove = {validate_attr_name(a, "remove_attrs") for a in remove_attrs}
+    if both := remove & set_attrs.keys():
+        raise InvalidArgument(f"remove_attrs: {sorted(both)[0]!r} is also in set_attrs")
+    validate_expected(expected)
+    return set_attrs, remove
+
+
+def validate_expected(expected: Revision) -> None:
+    if expected < 0:
+        raise InvalidArgument("expected_mod_revision: negative")

@@ -1,0 +1,349 @@
+"""The etcd store with several fronts: real geryon-registryd processes over a
+real three-member etcd cluster on loopback.
+
+What a user of several fronts counts on: a write acknowledged by one front is
+read through any other at once; fenced updates through both lose nothing; a
+client whose front is killed moves to another with its lease and its watch,
+losing and repeating nothing; the etcd leader's death loses no acknowledged
+write and no lease; a front that loses etcd says so (UNAVAILABLE,
+NOT_SERVING) and comes back by itself; fronts compact etcd's history
+together, one at a time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+import grpc
+import pytest
+from conftest import Daemon, Registry, eventually
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from geryon import errors, localetcd, tls
+from geryon.client import Client, WatchMessage
+from geryon.convert import pb, pb_grpc
+from geryon.model import Event, EventType
+
+
+@pytest.fixture
+def backend() -> str:
+    return "etcd"
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> localetcd.Cluster:
+    """A cluster of this test's own, for tests that kill its members."""
+    if localetcd.binary() is None:
+        pytest.skip("etcd is not installed (make test installs Debian's etcd-server)")
+    c = localetcd.Cluster(tmp_path / "etcd").start()
+    yield c
+    c.stop()
+
+
+def fronts(start_registry: Callable[..., Registry], n: int = 2, **kw: object) -> list[Registry]:
+    return [start_registry(f"front{i}", **kw) for i in range(n)]
+
+
+def both(a: Registry, b: Registry) -> str:
+    return f"{a.address},{b.address}"
+
+
+async def test_a_write_through_one_front_is_read_through_the_other_at_once(
+    start_registry: Callable[..., Registry],
+) -> None:
+    a, b = fronts(start_registry)
+    async with a.client() as ca, b.client() as cb:
+        for i in range(60):
+            writer, reader = (ca, cb) if i % 2 else (cb, ca)
+            s = await writer.register(f"svc{i}", {"i": str(i), "k": "v"}, persist=True)
+            # No wait, no retry: the other front's answer already shows it.
+            assert await reader.get(f"svc{i}") == s
+            found, revision = await reader.find({"i": str(i)})
+            assert found == [s] and revision >= s.mod_revision
+            u = await reader.update(f"svc{i}", {"k": f"w{i}"})
+            assert (await writer.get(f"svc{i}")).attrs["k"] == f"w{i}"
+            assert u.mod_revision > s.mod_revision
+            if i % 3 == 0:
+                await writer.unregister(f"svc{i}")
+                with pytest.raises(errors.NotFound):
+                    await reader.get(f"svc{i}")
+        lease = await ca.grant(60_000)
+        assert [x.id for x in await cb.leases()] == [lease]
+        await cb.register("tcp!l!1", {}, lease=lease)  # a lease granted through the other
+        assert await cb.revoke(lease) == 1
+        assert (await ca.find(prefix="tcp!l!"))[0] == []
+
+
+async def test_fenced_updates_through_both_fronts_lose_nothing(
+    start_registry: Callable[..., Registry],
+) -> None:
+    a, b = fronts(start_registry)
+    workers, rounds = 8, 15
+    async with a.client() as ca, b.client() as cb:
+        await ca.register("counter", {"n": "0"}, persist=True)
+
+        async def increment(c: Client, who: int) -> int:
+            conflicts = 0
+            for _ in range(rounds):
+                while True:
+                    s = await c.get("counter")
+                    n = int(s.attrs["n"])
+                    try:
+                        await c.update(
+                            "counter", {"n": str(n + 1)}, expected_mod_revision=s.mod_revision
+                        )
+                        break
+                    except errors.FailedPrecondition:
+                        conflicts += 1
+            # And one entry each, registered concurrently through both.
+            await c.register(f"worker{who}", {"w": "1"}, persist=True)
+            return conflicts
+
+        conflicts = await asyncio.gather(
+            *(increment(ca if i % 2 else cb, i) for i in range(workers))
+        )
+        assert (await ca.get("counter")).attrs["n"] == str(workers * rounds)
+        assert (await cb.get("counter")).attrs["n"] == str(workers * rounds)
+        assert len((await cb.find({"w": "1"}))[0]) == workers
+        assert sum(conflicts) > 0  # the fronts really raced
+
+
+async def _watch_into(watch, out: list[WatchMessage]) -> None:
+    async for m in watch:
+        out.append(m)
+
+
+def _events(messages: list[WatchMessage]) -> list[Event]:
+    return [e for m in messages if m.kind == "events" for e in m.events]
+
+
+async def test_a_client_moves_from_a_killed_front_losing_and_repeating_nothing(
+    start_registry: Callable[..., Registry],
+) -> None:
+    a, b = fronts(start_registry)
+    # The holder and the watcher prefer front a; the writer uses b.
+    async with Client(both(a, b)) as holder, b.client() as writer:
+        lease = holder.lease(15_000)
+        await lease.start()
+        for i in range(3):
+            await holder.register(f"tcp!held!{i}", {"svc": "held"}, lease=lease.id)
+        _, start = await writer.find()
+        got: list[WatchMessage] = []
+        watch = holder.watch(start_revision=start + 1)
+        reader = asyncio.create_task(_watch_into(watch, got))
+        written = []
+        for i in range(10):
+            written.append(await writer.register(f"w{i}", {"i": str(i)}, persist=True))
+        await eventually(lambda: len(_events(got)) >= 10)
+        assert holder.targets[holder._current] == a.address
+
+        a.kill9()  # no goodbye: the front cannot end anything
+        for i in range(10, 30):
+            written.append(await writer.register(f"w{i}", {"i": str(i)}, persist=True))
+            await asyncio.sleep(0.02)
+        await eventually(lambda: len(_events(got)) >= 30, timeout=20)
+        await asyncio.sleep(0.5)  # room for anything spurious to arrive
+        await eventually(lambda: lease.connected.is_set(), timeout=20)
+
+        # Every write exactly once, in order; nothing about the held entries.
+        events = _events(got)
+        assert [(e.type, e.service) for e in events] == [(EventType.PUT, s) for s in written]
+        assert holder.targets[holder._current] == b.address
+        assert not lease.lost.is_set() and lease.breaks >= 1
+        held, _ = await writer.find({"svc": "held"})
+        assert [s.name for s in held] == [f"tcp!held!{i}" for i in range(3)]
+        reader.cancel()
+        await watch.close()
+        # The lease's stream is now on b: its end there ends the lease.
+        await lease.close(revoke=False)
+        await eventually(lambda: _gone(writer, "held"), timeout=10)
+
+
+async def _gone(c: Client, svc: str) -> bool:
+    return (await c.find({"svc": svc}))[0] == []
+
+
+async def test_the_etcd_leader_killed_under_writes_loses_nothing(
+    tmp_path: Path, daemons: list[Daemon], cluster: localetcd.Cluster
+) -> None:
+    front = Registry(tmp_path / "front", etcd=cluster.endpoints, prefix="/ha/")
+    daemons.append(front)
+    front.start()
+    async with front.client(retry_for=30) as c:
+        lease = c.lease(10_000)
+        await lease.start()
+        await c.register("tcp!kept!1", {"svc": "kept"}, lease=lease.id)
+        acked: list[str] = []
+        stop = asyncio.Event()
+
+        async def write(w: int) -> None:
+            i = 0
+            while not stop.is_set():
+                name = f"w{w}-{i}"
+                await c.register(name, {"w": str(w)}, persist=True)
+                acked.append(name)
+                i += 1
+
+        writers = [asyncio.create_task(write(w)) for w in range(4)]
+        await eventually(lambda: len(acked) >= 40, timeout=20)
+        leader = cluster.leader()
+        leader.kill9()
+        before = len(acked)
+        # Writes resume once the others elect a leader.
+        await eventually(lambda: len(acked) >= before + 40, timeout=30)
+        assert cluster.leader() is not leader
+        stop.set()
+        await asyncio.gather(*writers)
+
+        found = {s.name for s in (await c.find(prefix="w"))[0]}
+        assert set(acked) <= found, f"lost: {sorted(set(acked) - found)[:5]}"
+        assert not lease.lost.is_set()
+        assert [s.name for s in (await c.find({"svc": "kept"}))[0]] == ["tcp!kept!1"]
+        await lease.close(revoke=True)
+
+
+async def test_a_front_that_loses_etcd_is_unavailable_and_comes_back(
+    tmp_path: Path, daemons: list[Daemon], cluster: localetcd.Cluster
+) -> None:
+    front = Registry(
+        tmp_path / "front", etcd=cluster.endpoints, prefix="/lost/", extra=["--etcd-timeout", "1"]
+    )
+    daemons.append(front)
+    front.start()
+    channel = grpc.aio.insecure_channel(front.address)
+    health = health_pb2_grpc.HealthStub(channel)
+
+    async def status() -> int:
+        r = await health.Check(health_pb2.HealthCheckRequest(service="geryon.v1.Registry"))
+        return r.status
+
+    async with front.client(retry_for=1) as c:
+        await c.register("d0", {"a": "1"}, persist=True)
+        watch = c.watch()
+        assert (await anext(aiter(watch))).kind == "progress"
+        raw = pb_grpc.RegistryStub(channel).Watch()
+        await raw.write(pb.WatchRequest(create_request=pb.WatchCreateRequest()))
+        assert (await raw.read()).type == pb.WatchResponse.TYPE_PROGRESS
+        assert await status() == health_pb2.HealthCheckResponse.SERVING
+
+        for m in cluster.members:
+            m.kill9()
+        with pytest.raises(errors.Unavailable):
+            await c.get("d0")
+        with pytest.raises(errors.Unavailable):
+            await c.register("d1", {}, persist=True)
+        await eventually(
+            lambda: _is(status, health_pb2.HealthCheckResponse.NOT_SERVING), timeout=15
+        )
+        # Its watch streams end, so their clients try elsewhere.
+        with pytest.raises(grpc.aio.AioRpcError) as cut:
+            await asyncio.wait_for(raw.read(), 15)
+        assert cut.value.code() == grpc.StatusCode.UNAVAILABLE
+
+        for m in cluster.members:
+            cluster.restart(m)
+        cluster.wait_ready()
+        await eventually(lambda: _is(status, health_pb2.HealthCheckResponse.SERVING), timeout=30)
+        async with front.client(retry_for=10) as again:
+            assert (await again.get("d0")).attrs == {"a": "1"}
+            await again.register("d1", {}, persist=True)
+        await watch.close()
+    await channel.close()
+
+
+async def _is(status: Callable, want: int) -> bool:
+    try:
+        return await status() == want
+    except grpc.aio.AioRpcError:
+        return False
+
+
+async def test_fronts_compact_etcds_history_together_one_at_a_time(
+    start_registry: Callable[..., Registry], cluster: localetcd.Cluster
+) -> None:
+    # A cluster of its own: compaction is etcd-wide, not per prefix.
+    extra = ["--history", "10", "--etcd-compact-interval", "0.3"]
+    a, b = fronts(start_registry, etcd=cluster.endpoints, extra=extra)
+    async with a.client() as ca, b.client() as cb:
+        first = await ca.register("s", {"n": "0"}, persist=True)
+        revisions = [first.mod_revision]
+        for i in range(1, 60):
+            s = await random.choice((ca, cb)).update("s", {"n": str(i)})
+            revisions.append(s.mod_revision)
+
+        # Every front refuses the compacted past alike, naming the same
+        # oldest: the 10th newest event's revision (--history 10).
+        keep = revisions[-10]
+        await eventually(lambda: _out_of_range_at((a, b), first.mod_revision, keep), timeout=15)
+        # A front started now, on compacted history, says the same.
+        c = start_registry("front2", etcd=cluster.endpoints, extra=extra)
+        assert await _out_of_range_at((c,), first.mod_revision, keep)
+        # A watch from the oldest held works on every front, and replays the rest.
+        for front in (a, b, c):
+            async with front.client() as client:
+                _, now = await client.find()
+                w = client.watch({"n": "*"}, start_revision=keep, progress_interval_ms=100)
+                got: list[WatchMessage] = []
+                task = asyncio.create_task(_watch_into(w, got))
+                await eventually(lambda got=got, now=now: got and got[-1].revision >= now)
+                task.cancel()
+                await w.close()
+                assert [e.revision for e in _events(got)] == revisions[-10:], front.address
+    # Each compaction was done by exactly one front.
+    done = re.findall(r"compacted etcd's history to revision (\d+)", a.log() + b.log())
+    assert done and len(done) == len(set(done))
+
+
+async def _oldest(front: Registry, start: int) -> int:
+    """The resume revision a watch from ``start`` is refused with (0: not refused)."""
+    async with front.client() as client:
+        call = pb_grpc.RegistryStub(client.channel).Watch()
+        create = pb.WatchCreateRequest(start_revision=start)
+        await call.write(pb.WatchRequest(create_request=create))
+        try:
+            await call.read()
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.OUT_OF_RANGE:
+                return int(dict(exc.trailing_metadata())["geryon-resume-revision"])
+        finally:
+            call.cancel()
+    return 0
+
+
+async def _out_of_range_at(fronts: tuple[Registry, ...], start: int, want: int) -> bool:
+    return all([await _oldest(r, start) == want for r in fronts])
+
+
+async def test_etcd_over_mutual_tls(tmp_path: Path, daemons: list[Daemon]) -> None:
+    """--etcd-tls-dir: the front proves itself to etcd with a certificate
+    from the cluster CA, and checks etcd's."""
+    if localetcd.binary() is None:
+        pytest.skip("etcd is not installed (make test installs Debian's etcd-server)")
+    tls.init_ca(tmp_path / "ca")
+    etcd_id = tls.issue(tmp_path / "ca", "etcd", role="server", out=tmp_path / "etcd-id")
+    front_id = tls.issue(tmp_path / "ca", "front", role="server", out=tmp_path / "front-id")
+    cluster = localetcd.Cluster(tmp_path / "etcd", size=1, tls_dir=etcd_id).start()
+    try:
+        front = Registry(
+            tmp_path / "front",
+            etcd=cluster.endpoints,
+            prefix="/tls/",
+            extra=["--etcd-tls-dir", str(front_id)],
+        )
+        daemons.append(front)
+        front.start()
+        async with front.client() as c:
+            await c.register("d0", {"a": "1"}, persist=True)
+            assert (await c.get("d0")).attrs == {"a": "1"}
+        # Without a certificate etcd refuses the front: a one-line error.
+        plain = Registry(tmp_path / "plain", etcd=cluster.endpoints, prefix="/tls/")
+        plain.argv += ["--log-level", "error"]
+        with pytest.raises(AssertionError, match="exited 1"):
+            plain.start()
+        assert plain.log().strip().splitlines()[-1].startswith("geryon-registryd: etcd ")
+    finally:
+        cluster.stop()

@@ -8,15 +8,22 @@ of workloads and alternates the sides round by round; a new workload (agents
 re-announcing after a registry restart, reconciler convergence) is a module
 with such a function, added to that list.
 
-Workloads talk to a server through a ``Side`` (Geryon or etcd) and its
-``Conn`` connections, so each is written once and both servers are driven by
-the same code over raw grpc.aio stubs.
+Workloads talk to a server through a ``Side`` (Geryon, Geryon on its etcd
+store, or etcd) and its ``Conn`` connections, so each is written once and
+every server is driven by the same code over raw grpc.aio stubs.
+
+Geryon on its etcd store (GERYON_ETCD) has no column of its own: a workload
+run on it as well as on Geryon gets a twin of each row, labelled "(etcd
+store)", whose Geryon column is the etcd-store figure and whose etcd column
+repeats plain etcd's, so that the ratio still reads Geryon over etcd
+(``Workload.table_rows`` and ``Workload.cells``).
 """
 
 from __future__ import annotations
 
 import abc
 import asyncio
+import dataclasses
 import statistics
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
@@ -28,6 +35,12 @@ T = TypeVar("T")
 C = TypeVar("C")
 
 GERYON, ETCD, ECHO = "geryon", "etcd", "echo"
+# geryon-registryd fronts with --etcd over a 3-member etcd cluster: its
+# figures go in the Geryon column of the "(etcd store)" rows.
+GERYON_ETCD = "geryon-etcd"
+ETCD_STORE = " (etcd store)"  # appended to the label of a twin row
+# A workload run on both of Geryon's stores and on etcd.
+REGISTRIES = (GERYON, ETCD, GERYON_ETCD)
 
 
 @dataclass(frozen=True)
@@ -109,6 +122,36 @@ class Workload:
     # A bound on one round (or on prepare), in seconds.
     timeout: float = 120.0
 
+    @property
+    def twinned(self) -> bool:
+        """Run on both of Geryon's stores: each row has an etcd-store twin."""
+        return GERYON in self.sides and GERYON_ETCD in self.sides
+
+    @property
+    def table_rows(self) -> tuple[Row, ...]:
+        """The rows printed: ``rows``, then their etcd-store twins."""
+        return self.rows + tuple(twin(r) for r in self.rows) if self.twinned else self.rows
+
+    def cells(self, side: str, key: str) -> list[tuple[str, str]]:
+        """Where a value measured on ``side`` for row ``key`` goes in the
+        table: [(row key, column)]. Geryon on etcd fills the Geryon column (of
+        the twin row when there is one); plain etcd's value is shown in both
+        the row and its twin."""
+        if side == GERYON_ETCD:
+            return [(twin_key(key) if self.twinned else key, GERYON)]
+        if side == ETCD and self.twinned:
+            return [(key, ETCD), (twin_key(key), ETCD)]
+        return [(key, side)]
+
+
+def twin_key(key: str) -> str:
+    return f"{key}.etcd-store"
+
+
+def twin(row: Row) -> Row:
+    """A row's etcd-store twin."""
+    return dataclasses.replace(row, key=twin_key(row.key), label=row.label + ETCD_STORE)
+
 
 @dataclass
 class Bench:
@@ -156,6 +199,10 @@ class Side(abc.ABC):
 
     @abc.abstractmethod
     def stop(self) -> None: ...
+
+    def idle(self) -> None:  # noqa: B027 (a hook: most sides have nothing to stop)
+        """The next workload does not use this side: stop whatever would take
+        CPU from the others meanwhile (its next ``reset`` starts it again)."""
 
     @abc.abstractmethod
     def connect(self) -> Any:

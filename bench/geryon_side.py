@@ -30,15 +30,22 @@ QUOTAS_OFF = ["--write-rate", "0", "--keepalive-rate", "0"]
 class GeryonSide(Side):
     name = GERYON
     label = "Geryon"
+    profile_stem = "registryd"  # the --profile files: registryd-NNN.prof
 
     def __init__(
-        self, tmp: Path, *, profile_dir: Path | None = None, extra_args: list[str] = ()
+        self,
+        tmp: Path,
+        *,
+        profile_dir: Path | None = None,
+        extra_args: list[str] = (),
+        log_name: str = "geryon.log",
     ) -> None:
         self.tmp = tmp
         self.extra_args = list(extra_args)
         self.port = procs.free_port()
         self.data = tmp / "geryon-data"
         self.profile_dir = profile_dir
+        self.log_path = tmp / log_name
         self.generation = 0
         self.proc: procs.Proc | None = None
         # With profile_dir: (profile file, workload) per registry process.
@@ -49,24 +56,30 @@ class GeryonSide(Side):
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    def _argv(self) -> list[str]:
+    def store_args(self) -> list[str]:
+        """Where the registry keeps its state."""
+        return ["--data-dir", str(self.data)]
+
+    def _argv(self, address: str) -> list[str]:
         args = [
             "--listen",
-            self.address,
-            "--data-dir",
-            str(self.data),
+            address,
+            *self.store_args(),
             *QUOTAS_OFF,
             *self.extra_args,
         ]
         if self.profile_dir is None:
             return [str(BIN / "geryon-registryd"), *args]
-        out = self.profile_dir / f"registryd-{self.generation:03d}.prof"
+        out = self.profile_dir / f"{self.profile_stem}-{self.generation:03d}.prof"
         self.profiles.append((out, self.tag))
         return [sys.executable, "-m", "cProfile", "-o", str(out), "-m", "geryon.registryd", *args]
 
-    def _proc(self) -> procs.Proc:
+    def _new_proc(self, address: str) -> procs.Proc:
         self.generation += 1
-        self.proc = procs.Proc(self._argv(), self.tmp / "geryon.log", ready=READY)
+        return procs.Proc(self._argv(address), self.log_path, ready=READY)
+
+    def _proc(self) -> procs.Proc:
+        self.proc = self._new_proc(self.address)
         return self.proc
 
     async def start(self) -> None:
@@ -84,13 +97,16 @@ class GeryonSide(Side):
     def respawn(self) -> None:
         self._proc().spawn()
 
-    def stop(self) -> None:
+    def _end(self, proc: procs.Proc | None) -> None:
         # A profiled server must exit cleanly for cProfile to write its file.
-        if self.proc is not None:
+        if proc is not None:
             if self.profile_dir is not None:
-                self.proc.stop()
+                proc.stop()
             else:
-                self.proc.kill9()
+                proc.kill9()
+
+    def stop(self) -> None:
+        self._end(self.proc)
 
     def connect(self) -> GeryonConn:
         return GeryonConn(self.address)

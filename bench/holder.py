@@ -1,14 +1,15 @@
 """A client process holding a lease, for the death-notice workload.
 
     python -m bench.holder geryon HOST:PORT NAME
-    python -m bench.holder etcd HOST:PORT NAME --stubs DIR
+    python -m bench.holder etcd HOST:PORT NAME
 
 It registers NAME under a lease it keeps alive, prints "holding ttl=SECONDS"
 and waits to be killed with ``kill -9`` (or gives up after ``LIFETIME_S``).
 
 Geryon's holder is a real Geryon client: ``Client.lease()`` with a 10 s TTL,
 so the deletion the benchmark times comes from the KeepAlive stream rule (the
-stream's client went away), not from the TTL. etcd has no such rule: its
+stream's client went away), not from the TTL; the same holder serves a
+front of Geryon's etcd store. etcd has no such rule: its
 holder asks for a 1 s TTL, which etcd raises to its minimum, renews every
 third of it, and its entry goes when the TTL runs out.
 """
@@ -17,8 +18,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import sys
-from pathlib import Path
 
 LIFETIME_S = 120.0
 GERYON_TTL_MS = 10_000
@@ -37,17 +36,17 @@ async def hold_geryon(address: str, name: str) -> None:
         await lease.close(revoke=True)
 
 
-async def hold_etcd(address: str, name: str, stubs: Path) -> None:
+async def hold_etcd(address: str, name: str) -> None:
     import grpc
 
-    from bench import etcd_stubs
-    from bench.etcd_side import PREFIX, encode
+    from bench.etcd_side import PREFIX, encode, put_method
+    from geryon.etcdpb import rpc_pb2 as pb
+    from geryon.etcdpb import rpc_pb2_grpc as pb_grpc
 
-    pb, pb_grpc = etcd_stubs.load(stubs)
     async with grpc.aio.insecure_channel(address) as channel:
         leases = pb_grpc.LeaseStub(channel)
         grant = await leases.LeaseGrant(pb.LeaseGrantRequest(TTL=1), timeout=10)
-        await pb_grpc.KVStub(channel).Put(
+        await put_method(channel)(
             pb.PutRequest(key=PREFIX + name.encode(), value=encode(ATTRS), lease=grant.ID),
             timeout=10,
         )
@@ -68,14 +67,11 @@ def main() -> None:
     p.add_argument("server", choices=["geryon", "etcd"])
     p.add_argument("address")
     p.add_argument("name")
-    p.add_argument("--stubs", type=Path)
     args = p.parse_args()
     if args.server == "geryon":
         asyncio.run(hold_geryon(args.address, args.name))
-    elif args.stubs is None:
-        sys.exit("bench.holder: etcd needs --stubs")
     else:
-        asyncio.run(hold_etcd(args.address, args.name, args.stubs))
+        asyncio.run(hold_etcd(args.address, args.name))
 
 
 if __name__ == "__main__":

@@ -53,6 +53,22 @@ def kill_all() -> None:
 atexit.register(kill_all)
 
 
+def adopt(proc: subprocess.Popen[bytes] | None) -> None:
+    """Count a child started elsewhere (an etcd member of
+    ``geryon.localetcd``, which starts its own through setpriv) among those
+    ``kill_all`` kills. Start it from the event loop's thread, as ``Proc``
+    does: the death signal follows the thread that forked it, so a child
+    forked from a worker thread would die when that thread exits."""
+    if proc is not None:
+        _live.add(proc)
+
+
+def forget(proc: subprocess.Popen[bytes] | None) -> None:
+    """An adopted child that was killed and reaped."""
+    if proc is not None and proc.poll() is not None:
+        _live.discard(proc)
+
+
 class Proc:
     """One child process with its output in a log file.
 

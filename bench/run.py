@@ -2,21 +2,24 @@
 
     python -m bench.run [--quick] [--no-etcd] [--out FILE] [--profile DIR]
 
-Starts a geryon-registryd, an etcd 3.4 (Debian's; ``make bench-deps``
-installs it) and an echo server on free loopback ports with their data in one
-temporary directory, runs every workload in bench/workloads/ with the two
-registries alternating round by round (A/B, then B/A), prints the median of
-each row and writes them to bench/results/latest.json (plus a copy named for
-the release when HEAD carries a tag).
+Starts a geryon-registryd on SQLite, an etcd 3.4 (Debian's; ``make
+etcd-deps`` installs it), a geryon-registryd front on its etcd store over a
+three-member etcd cluster, and an echo server, on free loopback ports with
+their data in one temporary directory; runs every workload in
+bench/workloads/ with the registries alternating round by round (A/B/C, then
+C/B/A), prints the median of each row and writes them to
+bench/results/latest.json (plus a copy named for the release when HEAD
+carries a tag).
 
 Bounded and self-cleaning: every wait has a timeout, every process started is
 killed (in ``finally``, at exit, on SIGTERM and Ctrl-C) and the temporary
 directory is removed (kept with BENCH_KEEP=1).
 
 ``--quick`` (or BENCH_QUICK=1) is a small smoke run: tiny sizes, one round,
-nothing written unless ``--out`` says where. ``--no-etcd`` runs Geryon and
-the echo only. ``--profile DIR`` runs the registry under cProfile and writes
-one summary per workload into DIR (its figures are slower). ``--only``,
+nothing written unless ``--out`` says where. ``--no-etcd`` runs Geryon (on
+SQLite) and the echo only. ``--profile DIR`` runs the registries under
+cProfile and writes one summary per workload into DIR (its figures are
+slower). ``--only``,
 ``--rounds`` and ``--registryd-arg`` are for experiments; like the others
 they leave bench/results/ alone unless ``--out`` is given.
 """
@@ -36,8 +39,8 @@ import time
 import traceback
 from pathlib import Path
 
-from bench import etcd_side, geryon_side, procs, report
-from bench.core import ECHO, ETCD, GERYON, Bench, Side, Sizes, Workload, bounded
+from bench import etcd_side, geryon_etcd_side, geryon_side, procs, report
+from bench.core import ECHO, ETCD, GERYON, GERYON_ETCD, Bench, Side, Sizes, Workload, bounded
 from bench.echo import EchoSide
 from bench.workloads import WORKLOADS
 
@@ -55,7 +58,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=os.environ.get("BENCH_QUICK", "") not in ("", "0"),
         help="a small smoke run (also BENCH_QUICK=1)",
     )
-    p.add_argument("--no-etcd", action="store_true", help="Geryon and the echo only")
+    p.add_argument(
+        "--no-etcd", action="store_true", help="Geryon on SQLite and the echo only (no etcd)"
+    )
     p.add_argument(
         "--out",
         type=Path,
@@ -73,7 +78,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="append",
         default=[],
         metavar="ARG",
-        help="pass ARG to geryon-registryd (repeatable), e.g. --registryd-arg=--log-level=warning",
+        help="pass ARG to every geryon-registryd (both stores; repeatable), "
+        "e.g. --registryd-arg=--log-level=warning",
     )
     return p.parse_args(argv)
 
@@ -88,6 +94,9 @@ async def run_workload(
     active = [s for s in wl.sides if s in bench.sides]
     if not active:
         return
+    for name, side in bench.sides.items():
+        if name not in active:
+            side.idle()
     t0 = time.monotonic()
     for name in active:
         side = bench.sides[name]
@@ -104,7 +113,8 @@ async def run_workload(
                 wl.measure(bench, side), wl.timeout, f"{wl.name}: round {r + 1} on {name}"
             )
             for key, value in got.items():
-                values.setdefault(key, {}).setdefault(name, []).append(value)
+                for row, column in wl.cells(name, key):
+                    values.setdefault(row, {}).setdefault(column, []).append(value)
             shown = ", ".join(f"{k} {v:,.1f}" for k, v in got.items())
             log(f"{wl.name} round {r + 1}/{bench.sizes.rounds} {name}: {shown}")
     for cleanup in bench.cleanups:
@@ -131,6 +141,7 @@ async def main_async(args: argparse.Namespace, tmp: Path) -> int:
     if profile_dir is not None:
         profile_dir.mkdir(parents=True, exist_ok=True)
     geryon = geryon_side.GeryonSide(tmp, profile_dir=profile_dir, extra_args=args.registryd_arg)
+    geryons: list[geryon_side.GeryonSide] = [geryon]
     load_start = os.getloadavg()[0]
     echo = EchoSide(tmp)
     try:
@@ -139,25 +150,33 @@ async def main_async(args: argparse.Namespace, tmp: Path) -> int:
         await bounded(geryon.start(), 60, "geryon start")
         sides[GERYON] = geryon
         if not args.no_etcd:
-            from bench import etcd_stubs
-
             versions["etcd"] = etcd_side.version()
             if not versions["etcd"].startswith("etcd 3."):
                 raise RuntimeError(f"bench: want etcd 3.x (its v3 API), have {versions['etcd']}")
-            stubs = etcd_stubs.load(etcd_stubs.generate(tmp / "etcd-stubs"))
-            etcd = etcd_side.EtcdSide(tmp, stubs)
+            etcd = etcd_side.EtcdSide(tmp)
             await bounded(etcd.start(), 60, "etcd start")
             sides[ETCD] = etcd
+            # Started (a fresh cluster and front) by the first workload using it.
+            on_etcd = geryon_etcd_side.GeryonEtcdSide(
+                tmp, profile_dir=profile_dir, extra_args=args.registryd_arg
+            )
+            sides[GERYON_ETCD] = on_etcd
+            geryons.append(on_etcd)
         log(f"{', '.join(versions.values())}; sizes: {'quick' if sizes.quick else 'full'}")
         bench = Bench(sizes, tmp, sides)
         if ETCD not in sides:
-            bench.note("etcd not run (--no-etcd)")
+            bench.note("etcd not run (--no-etcd): no etcd figures, no (etcd store) figures")
         else:
             bench.note(f"{versions['etcd']}: one member, defaults (its WAL fsynced per commit)")
+        if GERYON_ETCD in sides and any(GERYON_ETCD in wl.sides for wl in workloads):
+            bench.note(
+                "(etcd store): Geryon is a geryon-registryd front with --etcd over a fresh "
+                f"{geryon_etcd_side.MEMBERS}-member etcd cluster (defaults); etcd is the one above"
+            )
         values: dict[str, dict[str, list[float]]] = {}
         for wl in workloads:
-            if profile_dir is not None:
-                geryon.tag = wl.name
+            for g in geryons:
+                g.tag = wl.name
             await run_workload(bench, wl, values)
         load_end = os.getloadavg()[0]
         versions["loadavg"] = f"{load_start:.1f} at start, {load_end:.1f} at end"
@@ -168,7 +187,7 @@ async def main_async(args: argparse.Namespace, tmp: Path) -> int:
             )
         if args.registryd_arg:
             bench.note(f"geryon-registryd run with {' '.join(args.registryd_arg)}")
-        rows = report.build_rows([row for wl in workloads for row in wl.rows], values)
+        rows = report.build_rows([row for wl in workloads for row in wl.table_rows], values)
         print(report.table(rows, bench.notes), flush=True)
         out = args.out
         partial = (
@@ -191,7 +210,8 @@ async def main_async(args: argparse.Namespace, tmp: Path) -> int:
         for side in sides.values():
             side.stop()
         if profile_dir is not None:
-            summarize_profiles(geryon, profile_dir)
+            for g in geryons:
+                summarize_profiles(g, profile_dir)
 
 
 def summarize_profiles(geryon: geryon_side.GeryonSide, out: Path) -> None:
@@ -241,8 +261,13 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as exc:
         traceback.print_exc()
         log(f"failed: {exc}")
-        for name in ("geryon.log", "etcd.log", "echo.log"):
-            path = tmp / name
+        clusters = sorted(tmp.glob("etcd-cluster-*"), key=lambda p: p.stat().st_mtime)
+        members = sorted(clusters[-1].glob("*.log")) if clusters else []
+        for path in [
+            *(tmp / name for name in ("geryon.log", "etcd.log", "geryon-etcd.log", "echo.log")),
+            *members,
+        ]:
+            name = path.relative_to(tmp)
             if path.exists():
                 tail = path.read_text(errors="replace").splitlines()[-15:]
                 print(f"---- {name} (last lines) ----", *tail, sep="\n", file=sys.stderr)

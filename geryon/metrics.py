@@ -39,7 +39,9 @@ class Metrics:
             "geryon_rpc_seconds", "RPC latency (a stream: its whole life)", ["method"], registry=r
         )
         self.commit = Histogram(
-            "geryon_commit_seconds", "Store commit (transaction + fsync) latency", registry=r
+            "geryon_commit_seconds",
+            "Store commit latency (SQLite: transaction + fsync; etcd: its transaction)",
+            registry=r,
         )
         store.commit_latency = self.commit.observe
 

@@ -392,7 +392,11 @@ async def serve(args: argparse.Namespace) -> int:
             task.add_done_callback(health_tasks.discard)
 
     store.on_health.append(follow_health)
-    keeper = asyncio.create_task(leases.keep(store), name="lease-keeper")
+    keepers = (
+        [asyncio.create_task(leases.keep(store), name="lease-keeper")]
+        if store.expires_leases
+        else []
+    )
     reconciler = None
     if args.ndb:
         from geryon.reconciler import run_at
@@ -421,8 +425,9 @@ async def serve(args: argparse.Namespace) -> int:
     await health.enter_graceful_shutdown()
     servicer.shutdown()
     await server.stop(GRACE_S)
-    keeper.cancel()
-    await asyncio.gather(keeper, return_exceptions=True)
+    for keeper in keepers:
+        keeper.cancel()
+    await asyncio.gather(*keepers, return_exceptions=True)
     await store.close()
     if private is not None:
         private.cleanup()

@@ -27,6 +27,7 @@ from geryon import errors, localetcd, tls
 from geryon.client import Client, WatchMessage
 from geryon.convert import pb, pb_grpc
 from geryon.model import Event, EventType
+from geryon.store.etcd_rpc import Etcd, epb
 
 
 @pytest.fixture
@@ -76,6 +77,32 @@ async def test_a_write_through_one_front_is_read_through_the_other_at_once(
         await cb.register("tcp!l!1", {}, lease=lease)  # a lease granted through the other
         assert await cb.revoke(lease) == 1
         assert (await ca.find(prefix="tcp!l!"))[0] == []
+
+
+async def test_writes_outside_the_prefix_do_not_hold_reads_back(
+    start_registry: Callable[..., Registry], etcd_cluster: localetcd.Cluster
+) -> None:
+    # Other users of the same etcd move its revision; no event of theirs
+    # ever reaches this front's watch, and its reads must not wait for one.
+    front = start_registry(extra=["--etcd-timeout", "3"])
+    other = Etcd(etcd_cluster.endpoints.split(","))
+    try:
+        async with front.client(retry_for=1) as c:
+            s = await c.register("d0", {"a": "1"}, persist=True)
+            for i in range(5):
+                r = await other.txn(
+                    success=[
+                        epb.RequestOp(
+                            request_put=epb.PutRequest(key=b"/elsewhere/x", value=b"%d" % i)
+                        )
+                    ]
+                )
+                assert r.succeeded
+                assert await c.get("d0") == s
+                found, revision = await c.find({"a": "1"})
+                assert found == [s] and revision >= r.header.revision
+    finally:
+        await other.close()
 
 
 async def test_fenced_updates_through_both_fronts_lose_nothing(

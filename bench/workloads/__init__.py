@@ -3,7 +3,9 @@
 Each entry is a function of the run's ``Sizes`` returning a ``Workload``
 (bench/core.py). To add one (agents re-announcing after a registry restart,
 reconciler convergence), write a module beside these with such a function and
-append it here; a Geryon-only workload says ``sides=(GERYON,)``.
+append it here; a Geryon-only workload says ``sides=(GERYON,)``, and one run
+on Geryon's etcd store as well adds GERYON_ETCD (its rows get "(etcd store)"
+twins).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from bench.workloads import (
     convergence,
     death,
     echo,
+    failover,
     fanout,
     find,
     reannounce,
@@ -34,4 +37,6 @@ WORKLOADS: list[Callable[[Sizes], Workload]] = [
     reannounce.workload,
     convergence.workload,
     convergence.resync_workload,
+    failover.front_workload,
+    failover.leader_workload,
 ]

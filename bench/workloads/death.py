@@ -9,7 +9,7 @@ import re
 import time
 
 from bench import procs
-from bench.core import Bench, Row, Side, Sizes, Workload, bounded
+from bench.core import REGISTRIES, Bench, Row, Side, Sizes, Workload, bounded
 
 
 def workload(sizes: Sizes) -> Workload:
@@ -57,4 +57,4 @@ def workload(sizes: Sizes) -> Workload:
                 watch.close()
             await conn.close()
 
-    return Workload("death", rows, measure)
+    return Workload("death", rows, measure, sides=REGISTRIES)

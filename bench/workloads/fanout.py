@@ -10,6 +10,7 @@ import asyncio
 import time
 
 from bench.core import (
+    REGISTRIES,
     Bench,
     Conn,
     Row,
@@ -70,4 +71,4 @@ def workload(sizes: Sizes) -> Workload:
                 x.close()
             await close_all(readers + writers)
 
-    return Workload("fanout", rows, measure)
+    return Workload("fanout", rows, measure, sides=REGISTRIES)

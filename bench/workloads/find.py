@@ -7,6 +7,7 @@ from __future__ import annotations
 import time
 
 from bench.core import (
+    REGISTRIES,
     Bench,
     Conn,
     Row,
@@ -60,4 +61,4 @@ def workload(sizes: Sizes) -> Workload:
         finally:
             await conn.close()
 
-    return Workload("find", rows, measure, prepare=prepare)
+    return Workload("find", rows, measure, prepare=prepare, sides=REGISTRIES)

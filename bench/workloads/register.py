@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 
 from bench.core import (
+    REGISTRIES,
     Bench,
     Conn,
     Row,
@@ -79,4 +80,6 @@ def workload(sizes: Sizes) -> Workload:
                 await close_all(conns)
         return out
 
-    return Workload("register", rows, measure, reset_each_round=True, timeout=300.0)
+    return Workload(
+        "register", rows, measure, sides=REGISTRIES, reset_each_round=True, timeout=300.0
+    )

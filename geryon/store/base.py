@@ -114,7 +114,9 @@ class Store(State, abc.ABC):
 
     # Lease expiry for backends that keep lease deadlines themselves (the
     # lease keeper drives these); a backend whose leases end by themselves
-    # keeps the defaults.
+    # (etcd's) keeps the defaults and says so here.
+    expires_leases = True
+
     def next_deadline(self) -> float | None:
         return None
 

@@ -13,7 +13,7 @@ Keys, under the prefix P (default ``/geryon/``):
     P h/ID          the lease's holder: the token of the KeepAlive stream that
                     renewed it last ("-" once a front is ending it)
     P compact       the revision fronts last compacted etcd's history to
-    P hello         written by each front at start, to see its watch catch up
+    P fence         written by a front to see its watch catch up to a revision
 
 Invariants:
 - A write is acknowledged only once etcd committed it, and once this front's
@@ -86,6 +86,9 @@ PAGE = 10_000  # keys per Range page when listing
 # How long the watch may be down before this front stops claiming to serve
 # (and ends its watch streams, so their clients move to another front).
 LOST_AFTER_S = 3.0
+# How long a read waits for the watch to bring in revisions it knows exist
+# before it writes a fence to find out (see _catch_up_once).
+SETTLE_S = 0.02
 
 
 @dataclass
@@ -108,7 +111,7 @@ class Keys:
         self.prefix = prefix.encode()
         self.end = prefix_end(self.prefix)
         self.compact = self.prefix + b"compact"
-        self.hello = self.prefix + b"hello"
+        self.fence = self.prefix + b"fence"
 
     def service(self, name: str) -> bytes:
         return self.prefix + b"s/" + name.encode()
@@ -143,14 +146,6 @@ def _put(key: bytes, value: bytes, lease: LeaseID = 0) -> epb.RequestOp:
     return epb.RequestOp(request_put=epb.PutRequest(key=key, value=value, lease=lease))
 
 
-def _count(key: bytes, end: bytes, *, newer_than: Revision = 0) -> epb.RequestOp:
-    return epb.RequestOp(
-        request_range=epb.RangeRequest(
-            key=key, range_end=end, count_only=True, min_mod_revision=newer_than + 1
-        )
-    )
-
-
 def _same_mod(key: bytes, mod_revision: Revision) -> epb.Compare:
     """The key is as we saw it: unchanged since ``mod_revision`` (0: absent)."""
     if not mod_revision:
@@ -175,6 +170,8 @@ def _value_is(key: bytes, value: bytes, *, equal: bool = True) -> epb.Compare:
 class EtcdStore(Store):
     """The state, fed by etcd's watch; writes as fenced etcd transactions."""
 
+    expires_leases = False  # etcd does
+
     def __init__(
         self,
         etcd: Etcd,
@@ -189,9 +186,6 @@ class EtcdStore(Store):
         self.prefix = prefix
         self.compact_interval = compact_interval
         self.front = f"{socket.gethostname()}:{os.getpid()}"
-        # Keys under the prefix in this copy: the catch-up check compares it
-        # with etcd's count.
-        self._key_count = 0
         self._holders: dict[LeaseID, bytes] = {}
         # The compaction key: its version (for the CAS) and revision.
         self._compact_version = 0
@@ -268,10 +262,8 @@ class EtcdStore(Store):
             asyncio.create_task(self._follow(self.oldest_revision), name="etcd-watch")
         )
         # A write of our own, seen through the watch, says the replay is over.
-        hello = await self._persist(
-            lambda: self.etcd.txn(success=[_put(self.keys.hello, self.front.encode())], repeat=True)
-        )
-        while self.revision < hello.header.revision:
+        fence = await self._persist(self._fence)
+        while self.revision < fence:
             await self._advanced.wait()
         self._serving = None
         self._tasks.append(asyncio.create_task(self._health_loop(), name="etcd-health"))
@@ -279,17 +271,23 @@ class EtcdStore(Store):
             self._tasks.append(asyncio.create_task(self._compact_loop(), name="etcd-compactor"))
 
     async def _list(self) -> None:
-        """Load the state: every key under the prefix at one revision."""
-        self._clear()
-        key, at = self.keys.prefix, 0
+        """Load the state: every key under the prefix at one revision (in
+        pages; if etcd compacts past that revision meanwhile, start over)."""
         while True:
-            r = await self.etcd.range(key, self.keys.end, revision=at, limit=PAGE)
-            at = at or r.header.revision
-            for kv in r.kvs:
-                self._load(kv)
-            if not r.more or not r.kvs:
+            self._clear()
+            key, at = self.keys.prefix, 0
+            try:
+                while True:
+                    r = await self.etcd.range(key, self.keys.end, revision=at, limit=PAGE)
+                    at = at or r.header.revision
+                    for kv in r.kvs:
+                        self._load(kv)
+                    if not r.more or not r.kvs:
+                        break
+                    key = r.kvs[-1].key + b"\0"
                 break
-            key = r.kvs[-1].key + b"\0"
+            except OutOfRange:
+                continue
         self.link_leases()
         self.revision = self.durable_revision = self._listed_at = at
 
@@ -300,10 +298,8 @@ class EtcdStore(Store):
         self.having.clear()
         self.leases.clear()
         self._holders.clear()
-        self._key_count = 0
 
     def _load(self, kv: epb.KeyValue) -> None:
-        self._key_count += 1
         kind, ident = self.keys.parse(kv.key)
         if kind == "s":
             s = self._service(ident, kv)
@@ -436,7 +432,6 @@ class EtcdStore(Store):
         kv = e.kv
         kind, ident = self.keys.parse(kv.key)
         if e.type == epb.Event.DELETE:
-            self._key_count -= 1
             if kind == "s":
                 prev = self.services.get(ident)
                 return self.delete(prev, kv.mod_revision) if prev is not None else None
@@ -445,8 +440,6 @@ class EtcdStore(Store):
             elif kind == "h":
                 self._holders.pop(ident, None)
             return None
-        if kv.version == 1:
-            self._key_count += 1
         if kind == "s":
             new, prev = self._service(ident, kv), self.services.get(ident)
             if new is None:  # not ours to read: as good as gone
@@ -526,45 +519,38 @@ class EtcdStore(Store):
                 round_.set_exception(exc)
 
     async def _catch_up_once(self) -> Revision:
-        """One catch-up: etcd's current revision R, then wait for the copy.
+        """One catch-up: etcd's current revision R (a linearizable read of
+        one key), then wait for the copy to reach it.
 
-        The copy is at R when its revision is R, or when nothing under the
-        prefix differs: etcd holds as many keys as the copy and none changed
-        since the copy's revision (then every key etcd holds was in the copy,
-        unchanged, and no other). That answers without waiting for a watch
-        notice that may never come (revisions made by other keys), and
-        without trusting progress notices, which etcd 3.4 can send ahead of
-        the events they cover."""
+        Revisions under the prefix reach the copy through the watch, usually
+        within milliseconds. Revisions of other keys in the same etcd never
+        do, and etcd 3.4's progress notices can overtake the events they
+        cover; so if the copy is not at R after a moment, the front writes
+        its fence key: once the watch shows that write, the copy holds every
+        revision before it."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.etcd.timeout
-        while True:
-            at, count = self.revision, self._key_count
-            try:
-                r = await self.etcd.txn(
-                    success=[
-                        _count(self.keys.prefix, self.keys.end),
-                        _count(self.keys.prefix, self.keys.end, newer_than=at),
-                    ],
-                    repeat=True,  # a read
-                    within=max(0.1, deadline - loop.time()),
-                )
-            except Unavailable as exc:
-                self._health(str(exc))
-                raise
+        try:
+            r = await self.etcd.range(self.keys.fence, count_only=True)
             now = r.header.revision
-            if self.revision >= now:
-                break
-            total = r.responses[0].response_range.count
-            newer = r.responses[1].response_range.count
-            if self.revision == at and newer == 0 and total == count:
-                break
-            # Something changed after ``at``: its events are on their way.
-            if not await self._until(at + 1, deadline):
-                err = Unavailable(f"registryd: behind etcd (at {self.revision}, etcd at {now})")
-                self._health(str(err))
-                raise err
+            if not await self._until(now, min(deadline, loop.time() + SETTLE_S)):
+                fence = await self._fence(within=max(0.1, deadline - loop.time()))
+                if not await self._until(fence, deadline):
+                    raise Unavailable(
+                        f"registryd: behind etcd (at {self.revision}, etcd at {fence})"
+                    )
+        except Unavailable as exc:
+            self._health(str(exc))
+            raise
         self._health(None)
         return now
+
+    async def _fence(self, within: float | None = None) -> Revision:
+        """Write the fence key; the revision it took."""
+        r = await self.etcd.txn(
+            success=[_put(self.keys.fence, self.front.encode())], repeat=True, within=within
+        )
+        return r.header.revision
 
     # ---- writes -------------------------------------------------------------
 
@@ -588,6 +574,7 @@ class EtcdStore(Store):
                 await self._caught_up()
                 fresh = True
                 continue
+            started = time.perf_counter()
             try:
                 r = await self.etcd.txn(
                     p.compare, p.success, within=max(0.1, deadline - loop.time())
@@ -600,6 +587,8 @@ class EtcdStore(Store):
                 lost = p
                 r = None
             if r is not None and r.succeeded:
+                if p.success and self.commit_latency is not None:
+                    self.commit_latency(time.perf_counter() - started)
                 revision = r.header.revision
                 if p.success:  # answer once this front shows it
                     await self._until(revision, deadline)

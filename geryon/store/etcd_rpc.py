@@ -32,7 +32,9 @@ __all__ = ["Compacted", "Etcd", "epb", "prefix_end"]
 log = logging.getLogger("geryon.store")
 
 # One attempt at one member; the operation as a whole has its own deadline.
-ATTEMPT_S = 2.0
+# A member that lost its leader may hold a request unanswered: after an
+# election (about a second with etcd's defaults) another member does better.
+ATTEMPT_S = 1.0
 CHANNEL_OPTIONS = [
     ("grpc.keepalive_time_ms", 5_000),
     ("grpc.keepalive_timeout_ms", 3_000),
@@ -44,6 +46,9 @@ CHANNEL_OPTIONS = [
     # Each member its own connection, even when two share an address.
     ("grpc.use_local_subchannel_pool", 1),
 ]
+# Streams on a member cut off from its cluster's leader would go quiet, not
+# fail: with this, the member ends them (etcd's clientv3 WithRequireLeader).
+REQUIRE_LEADER = (("hasleader", "true"),)
 # etcd says these when a request did not get through raft in time; whether it
 # was applied is unknown, as for a lost connection.
 _TRANSIENT_DETAILS = (
@@ -269,7 +274,7 @@ class Etcd:
         Raises Compacted when that history is gone, Unavailable when the
         stream breaks (the next watch goes to the next member)."""
         member = self.member()
-        call = member.watch.Watch()
+        call = member.watch.Watch(metadata=REQUIRE_LEADER)
         create = epb.WatchCreateRequest(
             key=key, range_end=end, start_revision=start_revision, prev_kv=True
         )
@@ -330,7 +335,7 @@ class _KeepAlives:
     async def _send(self, lease_id: int) -> None:
         if self._call is None:
             self._member = self.etcd.member()
-            self._call = self._member.lease.LeaseKeepAlive()
+            self._call = self._member.lease.LeaseKeepAlive(metadata=REQUIRE_LEADER)
             self._reader = asyncio.create_task(self._read(self._call), name="etcd-keepalive")
         try:
             await self._call.write(epb.LeaseKeepAliveRequest(ID=lease_id))

@@ -356,8 +356,10 @@ class Lease:
     ``lost`` is set when the registry says the lease is gone (it expired, was
     revoked, or the registry lost it); the owner must then grant a new one and
     re-register. A registry that is merely unreachable is not a lost lease:
-    the keepalive reconnects with backoff, and a restarted registry gives the
-    lease a fresh TTL.
+    the keepalive reconnects with backoff (a restarted SQLite registry gives
+    the lease a fresh TTL; with etcd the lease lives by its TTL meanwhile),
+    and with several endpoints it moves to the next one as soon as the one in
+    use fails or stops answering.
     """
 
     def __init__(self, client: Client, ttl_ms: int) -> None:
@@ -433,6 +435,10 @@ class Lease:
         # generator that is mid-sleep makes asyncio log noise on every reconnect.
         endpoint, stub = self.client.endpoint()
         call = stub.KeepAlive(metadata=self.client.metadata)
+        loop = asyncio.get_running_loop()
+        answered = loop.time()
+        moving = len(self.client.targets) > 1
+        stalled = False
 
         async def renew() -> None:
             with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
@@ -440,9 +446,26 @@ class Lease:
                     await call.write(pb.KeepAliveRequest(lease=self.id))
                     await asyncio.sleep(interval)
 
+        async def watchdog() -> None:
+            # A front that stopped answering (frozen, cut off) may keep its
+            # connection for a minute: leave it while the lease still has
+            # time to be renewed at another. (With one registry, wait for
+            # it: it forgives its own stalls, and a stream we end is a
+            # client gone.)
+            nonlocal stalled
+            while True:
+                await asyncio.sleep(interval / 4)
+                if loop.time() - answered > max(1.5 * interval, 1.0):
+                    stalled = True
+                    call.cancel()
+                    return
+
         writer = asyncio.create_task(renew(), name=f"lease-{self.id}-renew")
+        if moving:
+            watcher = asyncio.create_task(watchdog(), name=f"lease-{self.id}-watchdog")
         try:
             async for response in call:
+                answered = loop.time()
                 if response.ttl_ms == 0:
                     log.warning("lease %d: the registry says it is gone", self.id)
                     self.lost.set()
@@ -451,12 +474,21 @@ class Lease:
                 if not self.connected.is_set():
                     self.connected.set()
                     self.changed.set()
+        except asyncio.CancelledError:
+            if not stalled:
+                raise
+            # renew() gave up on the front: move on, as from a failure.
+            err = errors.Unavailable(f"registry {self.client.targets[endpoint]} stopped answering")
+            self.client.failed(endpoint, err)
+            raise err from None
         except grpc.aio.AioRpcError as exc:
             err = error_from_rpc(exc)
             self.client.failed(endpoint, err)
             raise err from exc
         finally:
             writer.cancel()
+            if moving:
+                watcher.cancel()
             call.cancel()
         err = errors.Unavailable("keepalive stream ended")
         self.client.failed(endpoint, err)
@@ -567,6 +599,8 @@ class Watch:
                 last = events[-1].revision
                 self.next_revision = last + 1
                 yield WatchMessage("events", last, events=events)
+            if not self._closed:  # ended by the registry without a status
+                self.client.failed(endpoint, errors.Unavailable("watch stream ended"))
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.CANCELLED and self._closed:
                 return

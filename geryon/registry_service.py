@@ -341,6 +341,8 @@ class RegistryService(pb_grpc.RegistryServicer):
             create = first.create_request
             flt = validate_filter(create.attrs, create.prefix)
             interval = self._progress_interval(create)
+            if (why := self.store.unavailable()) is not None:
+                raise Unavailable(f"registryd: {why}")
             if self.hub.count(caller.name) >= self.max_watches:
                 raise ResourceExhausted(
                     f"watch: {caller.name} already has {self.max_watches} watches open"

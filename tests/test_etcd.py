@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import random
 import re
+import signal
 from collections.abc import Callable
 from pathlib import Path
 
@@ -188,6 +189,29 @@ async def test_a_client_moves_from_a_killed_front_losing_and_repeating_nothing(
         # The lease's stream is now on b: its end there ends the lease.
         await lease.close(revoke=False)
         await eventually(lambda: _gone(writer, "held"), timeout=10)
+
+
+async def test_a_lease_holder_leaves_a_frozen_front_in_time(
+    start_registry: Callable[..., Registry],
+) -> None:
+    # SIGSTOP: a frozen host, a partition with no reset; its connections stay
+    # open. The client must not wait for them to time out (a minute) but
+    # renew through the other front while the lease lives.
+    a, b = fronts(start_registry)
+    async with Client(both(a, b)) as holder, b.client() as other:
+        lease = holder.lease(10_000)
+        await lease.start()
+        await holder.register("tcp!held!1", {"svc": "held"}, lease=lease.id)
+        a.signal(signal.SIGSTOP)
+        try:
+            await eventually(lambda: holder.targets[holder._current] == b.address, timeout=15)
+            await eventually(lambda: lease.connected.is_set(), timeout=15)
+            await asyncio.sleep(11)  # past the TTL: it was renewed through b
+            assert not lease.lost.is_set()
+            assert [s.name for s in (await other.find({"svc": "held"}))[0]] == ["tcp!held!1"]
+        finally:
+            a.signal(signal.SIGCONT)
+        await lease.close(revoke=True)
 
 
 async def _gone(c: Client, svc: str) -> bool:

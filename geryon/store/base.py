@@ -148,6 +148,11 @@ class Store(State, abc.ABC):
             for notify in self.on_commit:
                 notify(revision, events)
 
+    def unavailable(self) -> str | None:
+        """Why the store cannot serve now (None: it can). A watch started
+        now would hear nothing until it can."""
+        return None
+
     def set_health(self, cause: str | None) -> None:
         for notify in self.on_health:
             notify(cause)

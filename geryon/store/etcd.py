@@ -67,7 +67,7 @@ from geryon.model import (
     validate_ttl,
 )
 from geryon.store.base import Store, Written
-from geryon.store.etcd_rpc import Compacted, Etcd, epb, prefix_end
+from geryon.store.etcd_rpc import Compacted, Etcd, TooLarge, epb, prefix_end
 from geryon.store.state import (
     STATE_ERRORS,
     Limits,
@@ -82,7 +82,13 @@ T = TypeVar("T")
 
 DEFAULT_PREFIX = "/geryon/"
 ENDING = b"-"  # a holder value no stream token takes
-PAGE = 10_000  # keys per Range page when listing
+# Keys per Range page when listing; a page too big for one message is
+# asked for again in smaller ones.
+PAGE = 1000
+# How long a starting front waits for its history window to fill before it
+# serves anyway (a watch resuming from before its list is then told to
+# re-list until the window is full).
+FILL_WAIT_S = 5.0
 # How long the watch may be down before this front stops claiming to serve
 # (and ends its watch streams, so their clients move to another front).
 LOST_AFTER_S = 3.0
@@ -99,9 +105,10 @@ class _Plan:
     success: list[epb.RequestOp]
     # The result once committed at a revision.
     result: Callable[[Revision], Any]
-    # After a try whose outcome was lost (a timeout, a member gone): on a
-    # caught-up state, the result if the change is there, else None.
-    landed: Callable[[], Written[Any] | None] | None = None
+    # After a try whose outcome was lost (a timeout, a member gone): given
+    # the revision the copy was at when it was sent, and on a caught-up copy,
+    # the result if the change is there, else None.
+    landed: Callable[[Revision], Written[Any] | None] | None = None
 
 
 class Keys:
@@ -199,6 +206,8 @@ class EtcdStore(Store):
         self._watch_up = asyncio.Event()
         self._ttl_limit = asyncio.Semaphore(32)
         self._last_error = ""
+        self._filler: asyncio.Task[None] | None = None
+        self._filled = asyncio.Event()
 
     def describe(self) -> str:
         return f"etcd {self.etcd} prefix {self.prefix}"
@@ -254,31 +263,40 @@ class EtcdStore(Store):
 
     async def _start(self) -> None:
         await self._persist(self._list)
-        # Replay what etcd still holds of the history before the list (from
-        # the fronts' last compaction, which keeps it within the window's
-        # bounds), for watches resuming from there; then follow. One watch
-        # does both.
-        self._tasks.append(
-            asyncio.create_task(self._follow(self.oldest_revision), name="etcd-watch")
-        )
-        # A write of our own, seen through the watch, says the replay is over.
+        self._tasks.append(asyncio.create_task(self._follow(self.revision + 1), name="etcd-watch"))
+        self._fill_window()
+        # A write of our own, seen through the watch: the copy is current.
         fence = await self._persist(self._fence)
         while self.revision < fence:
             await self._advanced.wait()
+        # Serve once the window has filled, or after a moment (meanwhile a
+        # watch resuming from before the list is told to re-list).
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(FILL_WAIT_S):
+                await self._filled.wait()
         self._serving = None
         self._tasks.append(asyncio.create_task(self._health_loop(), name="etcd-health"))
         if self.compact_interval > 0:
             self._tasks.append(asyncio.create_task(self._compact_loop(), name="etcd-compactor"))
 
     async def _list(self) -> None:
-        """Load the state: every key under the prefix at one revision (in
-        pages; if etcd compacts past that revision meanwhile, start over)."""
+        """Load the state: every key under the prefix at one revision, in
+        pages (smaller ones when a page is too big for a message; from the
+        start again if etcd compacts past that revision meanwhile). The
+        history window starts empty, after it."""
+        page = PAGE
         while True:
             self._clear()
             key, at = self.keys.prefix, 0
             try:
                 while True:
-                    r = await self.etcd.range(key, self.keys.end, revision=at, limit=PAGE)
+                    try:
+                        r = await self.etcd.range(key, self.keys.end, revision=at, limit=page)
+                    except TooLarge:
+                        if page == 1:
+                            raise
+                        page = max(1, page // 8)
+                        continue
                     at = at or r.header.revision
                     for kv in r.kvs:
                         self._load(kv)
@@ -290,6 +308,9 @@ class EtcdStore(Store):
                 continue
         self.link_leases()
         self.revision = self.durable_revision = self._listed_at = at
+        self.history.clear()
+        self.history_events = 0
+        self.oldest_revision = at + 1
 
     def _clear(self) -> None:
         self.services.clear()
@@ -359,38 +380,33 @@ class EtcdStore(Store):
     async def _follow(self, start: Revision) -> None:
         """Keep the copy in step with etcd, for ever: resume the watch from
         the next revision whenever it breaks; re-list if etcd compacted the
-        history we need (a front that was away too long)."""
+        history it needs (a front that was away too long)."""
         delay = 0.05
         lost_since: float | None = None
         while True:
             try:
-                async for r in self.etcd.watch(
+                async for events in self.etcd.watch(
                     self.keys.prefix, self.keys.end, start_revision=start
                 ):
                     if lost_since is not None:
                         log.info("registryd: etcd watch is back (%s)", self.etcd.member().target)
                         lost_since = None
                     self._watch_up.set()
-                    self._apply(r.events)
-                    if r.events:  # resume after the last revision seen, replayed or not
-                        start = max(start, r.events[-1].kv.mod_revision + 1)
+                    self._apply(events)
+                    start = self.revision + 1
                     delay = 0.05
             except Compacted as exc:
-                if exc.revision <= self.revision + 1:
-                    # Only history older than the copy is gone (we were
-                    # replaying it): the window starts where etcd's does.
-                    self.forget_before(exc.revision)
-                    start = exc.revision
-                else:  # changes to the copy itself are gone
-                    await self._relist(exc)
-                    start = self.revision + 1
+                await self._relist(exc)
+                start = self.revision + 1
                 continue
             except GeryonError as exc:
                 self._watch_up.clear()
-                now = time.monotonic()
                 if lost_since is None:
-                    lost_since = now
+                    lost_since = time.monotonic()
                     log.warning("registryd: etcd watch: %s; resuming", exc)
+            except Exception:  # a bug: say so, and keep following
+                self._watch_up.clear()
+                log.exception("registryd: etcd watch failed; resuming")
             await asyncio.sleep(delay)
             delay = min(delay * 2, 1.0)
 
@@ -400,9 +416,6 @@ class EtcdStore(Store):
         re-list too (OUT_OF_RANGE), as clients already do after compaction."""
         log.warning("registryd: %s: re-listing", exc)
         await self._persist(self._list)
-        self.history.clear()
-        self.history_events = 0
-        self.oldest_revision = self.revision + 1
         self._wake()
         self.lost(
             OutOfRange(
@@ -410,13 +423,12 @@ class EtcdStore(Store):
                 resume_revision=self.oldest_revision,
             )
         )
+        self._fill_window()
 
     def _apply(self, events: Iterable[epb.Event]) -> None:
-        """One watch response: whole revisions, in order."""
+        """Events of whole revisions, in order, from the live watch."""
         for rev, group in itertools.groupby(events, key=lambda e: e.kv.mod_revision):
-            if rev <= self.revision:  # already in the list we started from
-                if rev >= self.oldest_revision:
-                    self._remember(rev, list(group))
+            if rev <= self.revision:  # in the list already
                 continue
             changes = [self._change(e) for e in group]
             self.revision = rev
@@ -455,25 +467,83 @@ class EtcdStore(Store):
             self._compacted(kv)
         return None
 
-    def _remember(self, rev: Revision, events: list[epb.Event]) -> None:
-        """A revision from before our list, for the history window only."""
+    # ---- the history window before the list ---------------------------------
+
+    def _fill_window(self) -> None:
+        """Replay, behind the live watch, what etcd still holds of the
+        history before the list (from the fronts' last compaction, which
+        keeps it within the window's bounds), for watches resuming there."""
+        if self._filler is not None:
+            self._filler.cancel()
+        self._filled.clear()
+        self._filler = asyncio.create_task(
+            self._fill(max(self._compacted_at, 1), self._listed_at), name="etcd-window"
+        )
+        self._tasks.append(self._filler)
+
+    async def _fill(self, start: Revision, upto: Revision) -> None:
+        held: list[tuple[Revision, tuple[Event, ...]]] = []
+        origin = start  # held is every revision from here on, so far
+        delay = 0.05
+        while start <= upto:
+            try:
+                fenced = False
+                async for events in self.etcd.watch(
+                    self.keys.prefix, self.keys.end, start_revision=start, prev_kv=True
+                ):
+                    if not fenced:  # so that a revision past ``upto`` comes
+                        fenced = True
+                        await self._fence()
+                    for rev, group in itertools.groupby(events, key=lambda e: e.kv.mod_revision):
+                        if rev > upto:
+                            break
+                        replayed = self._replayed(group)
+                        if replayed is None:  # cannot be replayed: start after it
+                            held.clear()
+                            origin = rev + 1
+                        elif replayed:
+                            held.append((rev, replayed))
+                        start = rev + 1
+                    else:
+                        continue
+                    start = upto + 1
+                    break
+            except Compacted as exc:  # it goes only from there now
+                held = [h for h in held if h[0] >= exc.revision]
+                origin = max(origin, exc.revision)
+                start = max(start, exc.revision)
+            except GeryonError as exc:
+                log.warning("registryd: filling the history window: %s; resuming", exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+        # Behind what the live watch brought since, unless the window's bounds
+        # have dropped revisions after the list already.
+        if self.oldest_revision == upto + 1:
+            now = time.time()
+            self.history.extendleft((rev, events, now) for rev, events in reversed(held))
+            self.history_events += sum(len(events) for _, events in held)
+            self.oldest_revision = max(min(origin, upto + 1), self._compacted_at)
+            self.forget_before(self.oldest_revision)
+            self.trim_history(now=now)
+        self._filled.set()
+
+    def _replayed(self, group: Iterable[epb.Event]) -> tuple[Event, ...] | None:
+        """A revision from before the list as watch events, or None when it
+        cannot be replayed: what it changed was compacted away (no previous
+        value), so watchers could not be told what left their filters."""
         out = []
-        for e in events:
+        for e in group:
             kind, name = self.keys.parse(e.kv.key)
             if kind != "s":
                 continue
             prev = self._service(name, e.prev_kv) if e.HasField("prev_kv") else None
             if prev is None and (e.type == epb.Event.DELETE or e.kv.version > 1):
-                # What it changed was compacted away: watchers could not be
-                # told what left their filters. The window starts after it.
-                self.forget_before(rev + 1)
-                return
+                return None
             if e.type == epb.Event.DELETE:
-                out.append(Event(EventType.DELETE, prev, prev, rev))
+                out.append(Event(EventType.DELETE, prev, prev, e.kv.mod_revision))
             elif (new := self._service(name, e.kv)) is not None:
-                out.append(Event(EventType.PUT, new, prev, rev))
-        if out:
-            self.record(rev, tuple(out), time.time())
+                out.append(Event(EventType.PUT, new, prev, e.kv.mod_revision))
+        return tuple(out)
 
     def _wake(self) -> None:
         advanced, self._advanced = self._advanced, asyncio.Event()
@@ -495,7 +565,9 @@ class EtcdStore(Store):
 
     async def read(self, look: Callable[[], T]) -> tuple[T, Revision]:
         revision = await self._caught_up()
-        return look(), revision
+        # The copy may be past etcd's revision at the catch-up: say what it shows.
+        seen = look()
+        return seen, max(revision, self.revision)
 
     async def _caught_up(self) -> Revision:
         """Wait until the copy reflects every write committed before now.
@@ -560,10 +632,12 @@ class EtcdStore(Store):
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.etcd.timeout
         fresh = False  # decided on a caught-up copy
-        lost: _Plan | None = None  # a try whose outcome we did not hear
+        # Tries whose outcome we did not hear, with the copy's revision then:
+        # once caught up, the history since shows whether they landed.
+        lost: list[tuple[_Plan, Revision]] = []
         while True:
-            if lost is not None and lost.landed is not None:
-                done = lost.landed()
+            for p, sent_at in lost:
+                done = p.landed(sent_at) if p.landed is not None else None
                 if done is not None:
                     return done
             try:
@@ -574,7 +648,7 @@ class EtcdStore(Store):
                 await self._caught_up()
                 fresh = True
                 continue
-            started = time.perf_counter()
+            started, sent_at = time.perf_counter(), self.revision
             try:
                 r = await self.etcd.txn(
                     p.compare, p.success, within=max(0.1, deadline - loop.time())
@@ -584,7 +658,7 @@ class EtcdStore(Store):
             except Unavailable:
                 if loop.time() >= deadline:
                     raise
-                lost = p
+                lost.append((p, sent_at))
                 r = None
             if r is not None and r.succeeded:
                 if p.success and self.commit_latency is not None:
@@ -609,18 +683,38 @@ class EtcdStore(Store):
             out.append(_exists(self.keys.lease(lease)))
         return out
 
-    def _now_is(
-        self, name: str, attrs: Mapping[str, str], lease: LeaseID, owner: str, since: Revision
-    ) -> Written[Service] | None:
-        """The entry as a lost try would have left it, if it is so now."""
-        s = self.services.get(name)
-        if s is None or s.mod_revision <= since:
+    def _found(self, name: str, since: Revision, test: Callable[[Event], bool]) -> Event | None:
+        """The first change to ``name`` after ``since`` that passes ``test``
+        (None too when the history window no longer reaches back there)."""
+        try:
+            revisions = self.history_since(since + 1)
+        except OutOfRange:
             return None
-        return (
-            Written(s, s.mod_revision)
-            if (s.attrs, s.lease, s.owner) == (attrs, lease, owner)
-            else None
-        )
+        for _, events in revisions:
+            for e in events:
+                if e.service.name == name and test(e):
+                    return e
+        return None
+
+    def _put_landed(
+        self, name: str, fenced: Revision, want: tuple[Mapping[str, str], LeaseID, str]
+    ) -> Callable[[Revision], Written[Service] | None]:
+        """A lost put landed if, since it was sent, the entry as it was
+        (``fenced``: its mod_revision, 0 when absent) became what it wrote."""
+
+        def landed(since: Revision) -> Written[Service] | None:
+            e = self._found(
+                name,
+                since,
+                lambda e: (
+                    e.type is EventType.PUT
+                    and (e.prev.mod_revision if e.prev else 0) == fenced
+                    and (e.service.attrs, e.service.lease, e.service.owner) == want
+                ),
+            )
+            return Written(e.service, e.revision) if e is not None else None
+
+        return landed
 
     async def register(
         self,
@@ -641,14 +735,15 @@ class EtcdStore(Store):
             fences = self._fences(name, prev, lease)
             if noop:  # still as asked for: nothing to write, but say so at a revision
                 return _Plan(fences, [], lambda _: prev)
-            since = prev.mod_revision if prev else 0
             return _Plan(
                 fences,
                 [self._service_put(name, attrs, lease, caller.name)],
                 lambda rev: Service(
                     name, attrs, lease, caller.name, prev.create_revision if prev else rev, rev
                 ),
-                lambda: self._now_is(name, attrs, lease, caller.name, since),
+                self._put_landed(
+                    name, prev.mod_revision if prev else 0, (attrs, lease, caller.name)
+                ),
             )
 
         return await self._transact(plan)
@@ -663,13 +758,11 @@ class EtcdStore(Store):
         caller: Caller,
     ) -> Written[Service]:
         set_attrs, remove = validate_update(name, set_attrs, remove_attrs, expected_mod_revision)
-        first: list[Service] = []  # the entry as the first try saw it
 
         def plan() -> _Plan:
             prev, attrs = self.check_update(
                 name, set_attrs, remove, expected_mod_revision=expected_mod_revision, caller=caller
             )
-            first.append(prev)
             fences = self._fences(name, prev, 0)
             if attrs == prev.attrs:
                 return _Plan(fences, [], lambda _: prev)
@@ -677,7 +770,7 @@ class EtcdStore(Store):
                 fences,
                 [self._service_put(name, attrs, prev.lease, prev.owner)],
                 lambda rev: Service(name, attrs, prev.lease, prev.owner, prev.create_revision, rev),
-                lambda: self._now_is(name, attrs, prev.lease, prev.owner, first[0].mod_revision),
+                self._put_landed(name, prev.mod_revision, (attrs, prev.lease, prev.owner)),
             )
 
         return await self._transact(plan)
@@ -687,23 +780,28 @@ class EtcdStore(Store):
     ) -> Written[Service]:
         validate_name(name)
         validate_expected(expected_mod_revision)
-        first: list[Service] = []
-
-        def gone() -> Written[Service] | None:
-            s = self.services.get(name)
-            if s is None or s.create_revision > first[0].mod_revision:
-                return Written(first[0], self.revision)
-            return None
 
         def plan() -> _Plan:
             prev = self.owned_service(name, caller, expected_mod_revision)
-            first.append(prev)
             key = self.keys.service(name)
+
+            def landed(since: Revision) -> Written[Service] | None:
+                e = self._found(
+                    name,
+                    since,
+                    lambda e: (
+                        e.type is EventType.DELETE
+                        and e.prev is not None
+                        and e.prev.mod_revision == prev.mod_revision
+                    ),
+                )
+                return Written(prev, e.revision) if e is not None else None
+
             return _Plan(
                 [_same_mod(key, prev.mod_revision)],
                 [epb.RequestOp(request_delete_range=epb.DeleteRangeRequest(key=key))],
                 lambda _: prev,
-                gone,
+                landed,
             )
 
         return await self._transact(plan)
@@ -753,7 +851,8 @@ class EtcdStore(Store):
         if await self.etcd.keepalive(lease_id) <= 0:
             return 0
         token = holder.encode()
-        if self._holders.get(lease_id) != token:
+        before = self._holders.get(lease_id)
+        if before != token:
             # This stream holds it from now on; not if a front is ending it.
             key = self.keys.holder(lease_id)
             try:
@@ -764,7 +863,9 @@ class EtcdStore(Store):
                 return 0
             if not r.succeeded:
                 return 0
-            self._holders[lease_id] = token
+            # Ahead of our watch, unless it brought a newer holder meanwhile.
+            if self._holders.get(lease_id) == before:
+                self._holders[lease_id] = token
         return lease.ttl_ms
 
     async def release(self, lease_id: LeaseID, *, holder: str) -> int | None:
@@ -782,9 +883,13 @@ class EtcdStore(Store):
             return None
         lease = self.leases.get(lease_id)
         deleted = len(lease.services) if lease is not None else 0
-        with contextlib.suppress(NotFound):
-            await self.etcd.revoke(lease_id)
-        return deleted
+        try:
+            revision = await self.etcd.revoke(lease_id, repeat=True)
+        except NotFound:  # it ended meanwhile
+            return deleted
+        loop = asyncio.get_running_loop()
+        await self._until(revision, loop.time() + self.etcd.timeout)
+        return self._deleted_at(revision, lease_id, deleted)
 
     async def revoke(self, lease_id: LeaseID, *, caller: Caller) -> Written[int]:
         lease = await self._lease_for(lease_id, lambda: self.check_revoke(lease_id, caller))
@@ -792,21 +897,40 @@ class EtcdStore(Store):
         deleted = len(lease.services)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.etcd.timeout
+        lost = False  # a try whose outcome we did not hear
         while True:
             try:
                 revision = await self.etcd.revoke(lease_id)
                 break
             except NotFound:
-                raise NotFound(f"lease {lease_id} not found or expired") from None
+                if not lost:
+                    raise NotFound(f"lease {lease_id} not found or expired") from None
+                # The lost try landed after all.
+                await self._caught_up()
+                return Written(deleted, self.revision)
             except Unavailable:
                 # Did it go through? After catching up, the lease says.
                 if loop.time() >= deadline:
                     raise
+                lost = True
                 await self._caught_up()
                 if lease_id not in self.leases:
                     return Written(deleted, self.revision)
         await self._until(revision, deadline)
-        return Written(deleted, revision)
+        return Written(self._deleted_at(revision, lease_id, deleted), revision)
+
+    def _deleted_at(self, revision: Revision, lease_id: LeaseID, guess: int) -> int:
+        """How many services of ``lease_id`` the revision that ended it
+        deleted (the copy's count, ``guess``, can miss ones registered
+        through another front a moment before)."""
+        for rev, events, _ in reversed(self.history):
+            if rev == revision:
+                return sum(
+                    e.type is EventType.DELETE and e.service.lease == lease_id for e in events
+                )
+            if rev < revision:
+                break
+        return guess
 
     async def remaining_ms(self, leases: list[Lease]) -> list[int]:
         async def left(lease: Lease) -> int:
@@ -831,6 +955,8 @@ class EtcdStore(Store):
         count and age bounds dropped). Only one front does it at a time: the
         one whose compare-and-swap on the compaction key wins (as Kubernetes'
         compactor). Returns the revision compacted to, None when nothing was."""
+        if not self._filled.is_set():  # our window is not whole yet
+            return None
         target = self.oldest_revision
         if target <= max(self._compacted_at, 1):
             return None
@@ -879,6 +1005,9 @@ class EtcdStore(Store):
                 self._health(cause)
                 # Watchers here would hear nothing: send them elsewhere.
                 self.lost(Unavailable(f"registryd: {cause}"))
+
+    def unavailable(self) -> str | None:
+        return self._serving
 
     def _health(self, cause: str | None) -> None:
         """Serving (None) or not, and why; only changes are said."""

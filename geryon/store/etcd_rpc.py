@@ -23,11 +23,18 @@ from typing import Any
 
 import grpc
 
-from geryon.errors import GeryonError, Internal, NotFound, OutOfRange, Unavailable
+from geryon.errors import (
+    GeryonError,
+    Internal,
+    NotFound,
+    OutOfRange,
+    ResourceExhausted,
+    Unavailable,
+)
 from geryon.etcdpb import rpc_pb2 as epb
 from geryon.etcdpb import rpc_pb2_grpc as egrpc
 
-__all__ = ["Compacted", "Etcd", "epb", "prefix_end"]
+__all__ = ["Compacted", "Etcd", "TooLarge", "epb", "prefix_end"]
 
 log = logging.getLogger("geryon.store")
 
@@ -82,9 +89,15 @@ def prefix_end(key: bytes) -> bytes:
     return b"\0"  # every key
 
 
+class TooLarge(ResourceExhausted):
+    """An answer bigger than this client takes in one message."""
+
+
 def error(exc: grpc.aio.AioRpcError, where: str) -> GeryonError:
     """etcd's status as a domain error."""
     code, details = exc.code(), exc.details() or exc.code().name
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in details:
+        return TooLarge(f"etcd {where}: {details}")
     if code in (
         grpc.StatusCode.UNKNOWN,  # grpc's word for a connection lost under a call
         grpc.StatusCode.UNAVAILABLE,
@@ -233,12 +246,14 @@ class Etcd:
             raise Unavailable(f"etcd: lease grant: {r.error}")
         return r.ID, r.TTL
 
-    async def revoke(self, lease_id: int) -> int:
-        """End a lease and its keys; the revision after (NotFound: gone)."""
+    async def revoke(self, lease_id: int, *, repeat: bool = False) -> int:
+        """End a lease and its keys; the revision after (NotFound: gone).
+        With ``repeat``, a try whose answer was lost is sent again (and may
+        then answer NotFound)."""
         r = await self._call(
             lambda m: m.lease.LeaseRevoke,
             epb.LeaseRevokeRequest(ID=lease_id),
-            repeat=False,
+            repeat=repeat,
             where="lease revoke",
         )
         return r.header.revision
@@ -265,27 +280,34 @@ class Etcd:
     # ---- watch --------------------------------------------------------------
 
     async def watch(
-        self, key: bytes, end: bytes, *, start_revision: int
-    ) -> AsyncIterator[epb.WatchResponse]:
-        """The events of [key, end) from ``start_revision`` on, with each
-        change's previous value, one response at a time (whole revisions);
-        the first response, with no events, says the watch is set up.
+        self, key: bytes, end: bytes, *, start_revision: int, prev_kv: bool = False
+    ) -> AsyncIterator[list[epb.Event]]:
+        """The events of [key, end) from ``start_revision`` on (with each
+        change's previous value when ``prev_kv``), whole revisions at a time;
+        the first, empty, says the watch is set up.
 
-        Raises Compacted when that history is gone, Unavailable when the
-        stream breaks (the next watch goes to the next member)."""
+        etcd splits an answer too big for one message into fragments; they
+        are put back together here. Raises Compacted when the history asked
+        for is gone, Unavailable when the stream breaks (the next watch goes
+        to the next member)."""
         member = self.member()
         call = member.watch.Watch(metadata=REQUIRE_LEADER)
         create = epb.WatchCreateRequest(
-            key=key, range_end=end, start_revision=start_revision, prev_kv=True
+            key=key, range_end=end, start_revision=start_revision, prev_kv=prev_kv, fragment=True
         )
         try:
             await call.write(epb.WatchRequest(create_request=create))
+            pieces: list[epb.Event] = []
             async for r in call:
                 if r.compact_revision:
                     raise Compacted(r.compact_revision)
                 if r.canceled:
                     raise Unavailable(f"etcd {member.target}: watch canceled: {r.cancel_reason}")
-                yield r  # the first says the watch was created
+                pieces.extend(r.events)
+                if r.fragment:
+                    continue
+                events, pieces = pieces, []
+                yield events
         except grpc.aio.AioRpcError as exc:
             self.failed(member)
             raise error(exc, f"{member.target} watch") from None
@@ -308,6 +330,7 @@ class _KeepAlives:
         self._member: _Member | None = None
         self._reader: asyncio.Task[None] | None = None
         self._waiting: dict[int, list[asyncio.Future[int]]] = {}
+        self._answered = 0.0  # when the stream last answered anything
 
     async def renew(self, lease_id: int) -> int:
         loop = asyncio.get_running_loop()
@@ -320,8 +343,12 @@ class _KeepAlives:
             async with asyncio.timeout(ATTEMPT_S):
                 return await fut
         except TimeoutError:
-            self._broken(Unavailable(f"etcd {self._where()}: keepalive timed out"))
-            raise Unavailable(f"etcd {self._where()}: keepalive timed out") from None
+            err = Unavailable(f"etcd {self._where()}: keepalive timed out")
+            # One slow answer fails its own renewal; a stream silent for
+            # everyone is given up, and the next goes to another member.
+            if loop.time() - self._answered >= ATTEMPT_S:
+                self._broken(err)
+            raise err from None
         finally:
             waiting = self._waiting.get(lease_id)
             if waiting is not None and fut in waiting:
@@ -334,6 +361,7 @@ class _KeepAlives:
 
     async def _send(self, lease_id: int) -> None:
         if self._call is None:
+            self._answered = asyncio.get_running_loop().time()
             self._member = self.etcd.member()
             self._call = self._member.lease.LeaseKeepAlive(metadata=REQUIRE_LEADER)
             self._reader = asyncio.create_task(self._read(self._call), name="etcd-keepalive")
@@ -347,6 +375,7 @@ class _KeepAlives:
     async def _read(self, call: Any) -> None:
         try:
             async for r in call:
+                self._answered = asyncio.get_running_loop().time()
                 for fut in self._waiting.pop(r.ID, []):
                     if not fut.done():
                         fut.set_result(max(r.TTL, 0))

@@ -269,7 +269,9 @@ class State:
         bound = self.oldest_revision
         for rev, held, ts in self.history:
             if events <= limit and ts >= oldest_ts:
-                return rev
+                # Not ``rev``: revisions between hold no events (the etcd
+                # store's have gaps) but can still be resumed from.
+                return bound
             events -= len(held)
             bound = rev + 1
         return bound

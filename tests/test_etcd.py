@@ -16,12 +16,13 @@ import asyncio
 import random
 import re
 import signal
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
 import grpc
 import pytest
-from conftest import Daemon, Registry, eventually
+from conftest import BIN, Daemon, Registry, eventually
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from geryon import errors, localetcd, tls
@@ -398,3 +399,25 @@ async def test_etcd_over_mutual_tls(tmp_path: Path, daemons: list[Daemon]) -> No
         assert plain.log().strip().splitlines()[-1].startswith("geryon-registryd: etcd ")
     finally:
         cluster.stop()
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["--etcd", "nope"], "--etcd: bad address 'nope'"),
+        (["--etcd", "127.0.0.1:1", "--data-dir", "x"], "--data-dir is for the embedded store"),
+        (["--etcd", "127.0.0.1:1", "--etcd-prefix", "geryon"], "--etcd-prefix: want /PATH/"),
+        (["--etcd-tls-dir", "x"], "--etcd-tls-dir: needs --etcd"),
+        (["--etcd", "127.0.0.1:1,127.0.0.1:1"], "names an address twice"),
+    ],
+)
+def test_bad_etcd_flags_are_one_line_usage_errors(args: list[str], says: str) -> None:
+    r = subprocess.run(
+        [str(BIN / "geryon-registryd"), "--listen", "127.0.0.1:0", *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        stdin=subprocess.DEVNULL,
+    )
+    assert r.returncode == 2
+    assert says in r.stderr.splitlines()[-1] and "Traceback" not in r.stderr

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
 import itertools
 import json
 import logging
@@ -198,7 +199,9 @@ class EtcdStore(Store):
         self._compact_version = 0
         self._compacted_at: Revision = 0
         self._listed_at: Revision = 0
-        self._advanced = asyncio.Event()  # replaced each time the copy moves
+        # Who waits for the copy to reach a revision: (revision, seq, future).
+        self._waiters: list[tuple[Revision, int, asyncio.Future[None]]] = []
+        self._waiter_seq = itertools.count()
         self._next_round: asyncio.Future[Revision] | None = None
         self._rounds: asyncio.Task[None] | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -267,8 +270,7 @@ class EtcdStore(Store):
         self._fill_window()
         # A write of our own, seen through the watch: the copy is current.
         fence = await self._persist(self._fence)
-        while self.revision < fence:
-            await self._advanced.wait()
+        await self._until(fence, None)
         # Serve once the window has filled, or after a moment (meanwhile a
         # watch resuming from before the list is told to re-list).
         with contextlib.suppress(TimeoutError):
@@ -546,19 +548,27 @@ class EtcdStore(Store):
         return tuple(out)
 
     def _wake(self) -> None:
-        advanced, self._advanced = self._advanced, asyncio.Event()
-        advanced.set()
+        """The copy moved: wake whoever waits for a revision it has reached
+        (only them: with many writers waiting, each watch answer would
+        otherwise wake them all)."""
+        while self._waiters and self._waiters[0][0] <= self.revision:
+            _, _, fut = heapq.heappop(self._waiters)
+            if not fut.done():
+                fut.set_result(None)
 
-    async def _until(self, revision: Revision, deadline: float) -> bool:
-        """Wait until the copy reaches ``revision``; False at ``deadline``."""
+    async def _until(self, revision: Revision, deadline: float | None) -> bool:
+        """Wait until the copy reaches ``revision``; False at ``deadline``
+        (a loop time; None: no limit)."""
+        if self.revision >= revision:
+            return True
         loop = asyncio.get_running_loop()
-        while self.revision < revision:
-            left = deadline - loop.time()
-            if left <= 0:
-                return False
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(left):
-                    await self._advanced.wait()
+        fut = loop.create_future()
+        heapq.heappush(self._waiters, (revision, next(self._waiter_seq), fut))
+        try:
+            async with asyncio.timeout_at(deadline):
+                await fut
+        except TimeoutError:
+            return self.revision >= revision
         return True
 
     # ---- the read barrier ---------------------------------------------------

@@ -22,8 +22,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
-import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Mapping
@@ -33,8 +31,10 @@ import grpc
 
 from bench import procs
 from bench.core import ETCD, Conn, KeepAlive, Side, Watch
+from geryon import localetcd
 from geryon.etcdpb import rpc_pb2 as pb
 from geryon.etcdpb import rpc_pb2_grpc as pb_grpc
+from geryon.store.etcd_rpc import prefix_end
 
 PREFIX = b"svc/"
 DELETE = pb.Event.DELETE
@@ -53,24 +53,8 @@ CHANNEL_OPTIONS = [
 ]
 
 
-def binary() -> str | None:
-    return shutil.which("etcd") or ("/usr/bin/etcd" if Path("/usr/bin/etcd").exists() else None)
-
-
 def version() -> str:
-    etcd = binary()
-    if etcd is None:
-        return "etcd: not installed"
-    out = subprocess.run(
-        [etcd, "--version"], capture_output=True, text=True, timeout=10, check=False
-    ).stdout
-    first = out.splitlines()[0] if out else "etcd: unknown version"
-    return first.replace("etcd Version:", "etcd").strip()
-
-
-def prefix_end(key: bytes) -> bytes:
-    """The range_end that makes a range cover every key starting with ``key``."""
-    return key[:-1] + bytes([key[-1] + 1])
+    return f"etcd {localetcd.version()}"
 
 
 def encode(attrs: Mapping[str, str]) -> bytes:
@@ -91,7 +75,7 @@ class EtcdSide(Side):
     label = "etcd"
 
     def __init__(self, tmp: Path) -> None:
-        etcd = binary()
+        etcd = localetcd.binary()
         if etcd is None:
             raise FileNotFoundError("bench: no etcd binary: run make etcd-deps, or give --no-etcd")
         self.etcd = etcd

@@ -26,12 +26,11 @@ import subprocess
 import time
 from pathlib import Path
 
+from geryon.localetcd import DIE_WITH_PARENT
+
 READY_TIMEOUT = 30.0
 
 _live: set[subprocess.Popen[bytes]] = set()
-# setpriv execs the command in the same process, which keeps the death signal.
-_SETPRIV = shutil.which("setpriv")
-_DIE_WITH_PARENT = [_SETPRIV, "--pdeathsig", "KILL", "--"] if _SETPRIV else []
 
 
 def free_port() -> int:
@@ -105,7 +104,7 @@ class Proc:
         offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                [*_DIE_WITH_PARENT, *self.argv],
+                [*DIE_WITH_PARENT, *self.argv],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,

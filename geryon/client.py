@@ -7,8 +7,9 @@ raised at once.
 
 A registry may have several endpoints (fronts over one etcd cluster,
 ``A:P,B:P``): the client uses the first, and moves to the next whenever one
-fails with a transient error; calls are retried there, and the streams below
-resume there.
+fails with a transient error or leaves it unanswered too long (a call's
+attempt, a watch's first answer, a keepalive's renewal); calls are retried
+there within their one deadline, and the streams below resume there.
 
 Two long-lived helpers carry the registry's streaming contracts:
 - ``Lease`` keeps a lease alive in the background across registry restarts
@@ -34,7 +35,7 @@ import grpc
 from tenacity import (
     AsyncRetrying,
     retry_if_exception,
-    stop_after_delay,
+    stop_before_delay,
     wait_exponential_jitter,
 )
 
@@ -46,6 +47,11 @@ log = logging.getLogger("geryon.client")
 
 T = TypeVar("T")
 DEFAULT_REGISTRY = "127.0.0.1:6675"
+# With several endpoints, one attempt at one of them (a call, or a watch's
+# first answer): a front that accepts and never answers must cost this, not
+# the call's whole deadline. Each pass over the endpoints doubles it, so an
+# answer that is merely slow (a large Find) still gets through.
+ATTEMPT_S = 1.0
 
 
 def error_from_rpc(exc: grpc.aio.AioRpcError) -> errors.GeryonError:
@@ -163,29 +169,31 @@ class Client:
             from geryon import tls
 
             self._credentials = tls.channel_credentials(self.tls_dir)
-        self._channels: dict[int, grpc.aio.Channel] = {}
+        # Per endpoint, made when first used: its channel and a stub on it
+        # (a stub costs more to make than a call's own overhead).
+        self._channels: dict[int, tuple[grpc.aio.Channel, pb_grpc.RegistryStub]] = {}
         self._current = 0
 
     def endpoint(self) -> tuple[int, pb_grpc.RegistryStub]:
         """The endpoint in use: (its index, a stub on it)."""
         i = self._current
-        return i, pb_grpc.RegistryStub(self._channel(i))
+        return i, self._connect(i)[1]
 
-    def _channel(self, i: int) -> grpc.aio.Channel:
-        channel = self._channels.get(i)
-        if channel is None:
+    def _connect(self, i: int) -> tuple[grpc.aio.Channel, pb_grpc.RegistryStub]:
+        pair = self._channels.get(i)
+        if pair is None:
             target = self.targets[i]
             if self._credentials is not None:
                 channel = grpc.aio.secure_channel(target, self._credentials, options=self._options)
             else:
                 channel = grpc.aio.insecure_channel(target, options=self._options)
-            self._channels[i] = channel
-        return channel
+            pair = self._channels[i] = (channel, pb_grpc.RegistryStub(channel))
+        return pair
 
     @property
     def channel(self) -> grpc.aio.Channel:
         """The channel to the endpoint in use."""
-        return self._channel(self._current)
+        return self._connect(self._current)[0]
 
     @property
     def stub(self) -> pb_grpc.RegistryStub:
@@ -213,17 +221,17 @@ class Client:
         await self.close()
 
     async def close(self) -> None:
-        for channel in self._channels.values():
+        for channel, _ in self._channels.values():
             await channel.close()
         self._channels.clear()
 
     # ---- plumbing -----------------------------------------------------------
 
-    async def _once(self, method: str, request: object) -> T:
+    async def _once(self, method: str, request: object, within: float) -> T:
         i, stub = self.endpoint()
         call: Callable[..., Awaitable[T]] = getattr(stub, method)
         try:
-            return await call(request, metadata=self.metadata, timeout=self.retry_for)
+            return await call(request, metadata=self.metadata, timeout=within)
         except grpc.aio.AioRpcError as exc:
             err = error_from_rpc(exc)
             self.failed(i, err)
@@ -231,21 +239,41 @@ class Client:
 
     async def _call(self, method: str, kind: type, **fields: object) -> T:
         request = build(kind, **fields)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.retry_for  # for the first try and every retry
+        many, tries = len(self.targets), 0
+
+        def within() -> float:
+            nonlocal tries
+            left = deadline - loop.time()
+            if many > 1:  # an attempt that runs out moves us to the next endpoint
+                left = min(left, ATTEMPT_S * 2 ** (tries // many))
+            tries += 1
+            return max(left, 0.05)
+
         # The first try runs outside tenacity: its per-call machinery would
         # cost more than the RPC itself on the common, successful path.
         try:
-            return await self._once(method, request)
+            return await self._once(method, request, within())
         except errors.GeryonError as exc:
             if not exc.transient:
                 raise
-        async for attempt in AsyncRetrying(
-            retry=retry_if_exception(_transient),
-            wait=wait_exponential_jitter(multiplier=0.05, max=2.0, jitter=0.2),
-            stop=stop_after_delay(self.retry_for),
-            reraise=True,
-        ):
-            with attempt:
-                return await self._once(method, request)
+            first = exc
+        try:
+            async for attempt in AsyncRetrying(
+                retry=retry_if_exception(_transient),
+                wait=wait_exponential_jitter(multiplier=0.05, max=2.0, jitter=0.2),
+                stop=stop_before_delay(max(deadline - loop.time(), 0)),
+                reraise=True,
+            ):
+                with attempt:
+                    return await self._once(method, request, within())
+        except errors.DeadlineExceeded:
+            # A last try cut short by our own deadline says less than what
+            # the registry answered before (UNAVAILABLE: and why).
+            if isinstance(first, errors.DeadlineExceeded):
+                raise
+            raise first from None
         raise AssertionError("unreachable")
 
     # ---- services -----------------------------------------------------------
@@ -475,7 +503,10 @@ class Lease:
                     self.connected.set()
                     self.changed.set()
         except asyncio.CancelledError:
-            if not stalled:
+            # Our own watchdog's cancel, unless close() cancelled us too (maybe
+            # in the same turn): that one must go through.
+            task = asyncio.current_task()
+            if not stalled or (task is not None and task.cancelling()):
                 raise
             # renew() gave up on the front: move on, as from a failure.
             err = errors.Unavailable(f"registry {self.client.targets[endpoint]} stopped answering")
@@ -518,6 +549,8 @@ class Watch:
         self._requests: asyncio.Queue[pb.WatchRequest | None] = asyncio.Queue()
         self._call: grpc.aio.StreamStreamCall | None = None
         self._closed = False
+        # First answers waited for in vain in a row (see _once).
+        self._stalls = 0
 
     def request_progress(self) -> None:
         self._requests.put_nowait(pb.WatchRequest(progress_request=pb.WatchProgressRequest()))
@@ -565,6 +598,7 @@ class Watch:
             progress_interval_ms=self.progress_interval_ms,
         )
         requests = self._requests
+        many = len(self.client.targets)
 
         endpoint, stub = self.client.endpoint()
         call = stub.Watch(metadata=self.client.metadata)
@@ -573,32 +607,57 @@ class Watch:
         async def send() -> None:  # a task, not a request generator (see Lease)
             with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
                 await call.write(pb.WatchRequest(create_request=create))
+                if many > 1:
+                    # A live front answers this at once, even a watch resumed
+                    # where nothing has happened since: silence is a stall.
+                    await call.write(pb.WatchRequest(progress_request=pb.WatchProgressRequest()))
                 while (request := await requests.get()) is not None:
                     await call.write(request)
 
-        writer = asyncio.create_task(send(), name="watch-requests")
         listed: list[Service] = []
+
+        def message(r: pb.WatchResponse) -> WatchMessage | None:
+            if r.type == pb.WatchResponse.TYPE_SNAPSHOT:
+                listed.extend(service_from_pb(e.service) for e in r.events)
+                return None
+            if r.type == pb.WatchResponse.TYPE_SNAPSHOT_COMPLETE:
+                self.want_snapshot = False
+                self.next_revision = r.revision + 1
+                services = listed.copy()
+                listed.clear()
+                return WatchMessage("snapshot", r.revision, services=services)
+            if r.type == pb.WatchResponse.TYPE_PROGRESS:
+                self.next_revision = r.revision + 1
+                return WatchMessage("progress", r.revision)
+            events = [event_from_pb(e) for e in r.events]
+            if not events:
+                return None
+            self.next_revision = events[-1].revision + 1
+            return WatchMessage("events", events[-1].revision, events=events)
+
+        writer = asyncio.create_task(send(), name="watch-requests")
+        responses = aiter(call)
         try:
-            async for r in call:
-                if r.type == pb.WatchResponse.TYPE_SNAPSHOT:
-                    listed.extend(service_from_pb(e.service) for e in r.events)
-                    continue
-                if r.type == pb.WatchResponse.TYPE_SNAPSHOT_COMPLETE:
-                    self.want_snapshot = False
-                    self.next_revision = r.revision + 1
-                    yield WatchMessage("snapshot", r.revision, services=listed)
-                    listed = []
-                    continue
-                if r.type == pb.WatchResponse.TYPE_PROGRESS:
-                    self.next_revision = r.revision + 1
-                    yield WatchMessage("progress", r.revision)
-                    continue
-                events = [event_from_pb(e) for e in r.events]
-                if not events:
-                    continue
-                last = events[-1].revision
-                self.next_revision = last + 1
-                yield WatchMessage("events", last, events=events)
+            if many > 1:
+                # A front that accepts and never answers (frozen, half cut
+                # off) would hold the watch for good: give up on it after an
+                # attempt's time, and resume at the next from next_revision.
+                try:
+                    async with asyncio.timeout(ATTEMPT_S * 2 ** (self._stalls // many)):
+                        first = await anext(responses, None)
+                except TimeoutError:
+                    self._stalls += 1
+                    err = errors.Unavailable(
+                        f"registry {self.client.targets[endpoint]} did not answer the watch"
+                    )
+                    self.client.failed(endpoint, err)
+                    raise err from None
+                self._stalls = 0
+                if first is not None and (m := message(first)) is not None:
+                    yield m
+            async for r in responses:
+                if (m := message(r)) is not None:
+                    yield m
             if not self._closed:  # ended by the registry without a status
                 self.client.failed(endpoint, errors.Unavailable("watch stream ended"))
         except grpc.aio.AioRpcError as exc:

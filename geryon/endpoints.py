@@ -21,12 +21,21 @@ def split(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
 
-def parse(text: str, *, unix: bool = False) -> list[str]:
-    """Check a list of addresses (``unix:PATH`` too when ``unix``); raise
-    ValueError naming the bad one."""
-    parts = split(text)
-    if not parts:
-        raise ValueError(f"no address in {text!r} (want HOST:PORT[,HOST:PORT...])")
+def parse(text: str | list[str], *, unix: bool = False) -> list[str]:
+    """Check a list of addresses, written ``HOST:PORT[,HOST:PORT...]`` or
+    given as an array, one an element (node.toml); ``unix:PATH`` too, alone,
+    when ``unix``. Raise ValueError naming the bad one."""
+    if isinstance(text, str):
+        parts = split(text)
+        if not parts:
+            raise ValueError(f"no address in {text!r} (want HOST:PORT[,HOST:PORT...])")
+    else:
+        if not text or not all(isinstance(t, str) for t in text):
+            raise ValueError("want a non-empty array of HOST:PORT strings")
+        for t in text:
+            if not t.strip() or "," in t:
+                raise ValueError(f"bad address {t!r} (want one HOST:PORT an element)")
+        parts = [t.strip() for t in text]
     for part in parts:
         if unix and part.startswith("unix:"):
             if len(parts) > 1:
@@ -39,11 +48,6 @@ def parse(text: str, *, unix: bool = False) -> list[str]:
 
 
 def registry_address(text: str | list[str]) -> str:
-    """One registry's endpoints (its fronts): HOST:PORT[,HOST:PORT...] or
-    unix:PATH, or a list of them (node.toml); checked, and returned as one
-    comma-separated string."""
-    if isinstance(text, list):
-        if not text or not all(isinstance(t, str) for t in text):
-            raise ValueError("want a non-empty array of HOST:PORT strings")
-        text = ",".join(text)
+    """One registry's endpoints (its fronts), checked, as one comma-separated
+    string: HOST:PORT[,HOST:PORT...] or unix:PATH, or an array of them."""
     return ",".join(parse(text, unix=True))

@@ -22,12 +22,14 @@ from pathlib import Path
 
 import grpc
 
+from geryon import tls
 from geryon.etcdpb import rpc_pb2 as epb
 from geryon.etcdpb import rpc_pb2_grpc as egrpc
 
 READY_TIMEOUT = 30.0
+# setpriv execs the command in the same process, which keeps the death signal.
 _SETPRIV = shutil.which("setpriv")
-_DIE_WITH_PARENT = [_SETPRIV, "--pdeathsig", "KILL", "--"] if _SETPRIV else []
+DIE_WITH_PARENT = [_SETPRIV, "--pdeathsig", "KILL", "--"] if _SETPRIV else []
 
 
 def binary() -> str | None:
@@ -78,7 +80,7 @@ class Member:
     def start(self, etcd: str, initial_cluster: str) -> None:
         client = f"{'https' if self.tls_dir else 'http'}://{self.address}"
         argv = [
-            *_DIE_WITH_PARENT,
+            *DIE_WITH_PARENT,
             etcd,
             f"--name={self.name}",
             f"--data-dir={self.data_dir}",
@@ -120,12 +122,7 @@ class Member:
     def channel(self) -> grpc.Channel:
         if self.tls_dir is None:
             return grpc.insecure_channel(self.address)
-        creds = grpc.ssl_channel_credentials(
-            (self.tls_dir / "ca.crt").read_bytes(),
-            (self.tls_dir / "key.pem").read_bytes(),
-            (self.tls_dir / "cert.pem").read_bytes(),
-        )
-        return grpc.secure_channel(self.address, creds)
+        return grpc.secure_channel(self.address, tls.channel_credentials(self.tls_dir))
 
     def status(self, timeout: float = 2.0) -> epb.StatusResponse:
         with self.channel() as ch:

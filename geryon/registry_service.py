@@ -320,7 +320,7 @@ class RegistryService(pb_grpc.RegistryServicer):
         for lid in held:
             try:
                 deleted = await self.store.release(lid, holder=token)
-            except GeryonError as exc:  # the store is unreachable: the TTL ends it
+            except Exception as exc:  # the store failed or is out of reach: the TTL ends it
                 log.warning("registryd: lease %d outlived its stream: %s", lid, exc)
                 continue
             if deleted is not None:

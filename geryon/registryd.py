@@ -76,9 +76,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="keep the registry in this etcd v3 cluster instead of --data-dir; "
         "any number of registries may serve the same cluster and prefix",
     )
+    # The etcd flags default to None so that, without --etcd, giving one is
+    # an error rather than ignored; the defaults are filled in below.
     p.add_argument(
         "--etcd-prefix",
-        default="/geryon/",
         metavar="/PATH/",
         help="the keys this registry owns in etcd (default /geryon/)",
     )
@@ -91,14 +92,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--etcd-timeout",
         type=float,
-        default=5.0,
         metavar="SECONDS",
-        help="give up on etcd after this long and answer UNAVAILABLE (default 5)",
+        help="give up on etcd after this long and answer UNAVAILABLE (default 5); "
+        "starting waits for etcd twice as long, at least 10 s",
     )
     p.add_argument(
         "--etcd-compact-interval",
         type=float,
-        default=60.0,
         metavar="SECONDS",
         help="how often to compact etcd's history to the --history bounds "
         "(one registry does it at a time; 0: never; default 60)",
@@ -181,6 +181,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--failback", default="auto", choices=["auto", "never"], help="its --failback")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     args = p.parse_args(argv)
+    for flag, default in [
+        ("--etcd-prefix", "/geryon/"),
+        ("--etcd-tls-dir", None),
+        ("--etcd-timeout", 5.0),
+        ("--etcd-compact-interval", 60.0),
+    ]:
+        dest = flag[2:].replace("-", "_")
+        if getattr(args, dest) is None:
+            setattr(args, dest, default)
+        elif args.etcd is None:
+            p.error(f"{flag}: needs --etcd")
     for flag, value, least in [
         ("--etcd-timeout", args.etcd_timeout, 0.5),
         ("--etcd-compact-interval", args.etcd_compact_interval, 0),
@@ -205,8 +216,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error(f"--etcd: {exc}")
         if not args.etcd_prefix.startswith("/") or not args.etcd_prefix.endswith("/"):
             p.error(f"--etcd-prefix: want /PATH/, got {args.etcd_prefix!r}")
-    elif args.etcd_tls_dir is not None:
-        p.error("--etcd-tls-dir: needs --etcd")
     return args
 
 
@@ -276,6 +285,7 @@ async def open_store(args: argparse.Namespace) -> Store:
             limits=limits,
             give_up_after=args.etcd_timeout,
             compact_interval=args.etcd_compact_interval,
+            start_timeout=max(10.0, 2 * args.etcd_timeout),
         )
     from geryon.store.sqlite import SQLiteStore
 

@@ -5,9 +5,11 @@ test its data dir and log are kept (pytest's tmp_path survives) and the log
 is printed.
 
 Registries run on the embedded SQLite store unless a module asks for both
-stores: ``backend`` is then parametrized, and with "etcd" every registry of
-the test is a front of one real three-member etcd cluster on loopback (shared
-by the session; each test gets its own key prefix).
+stores (``backend = both_stores``): ``backend`` is then parametrized, and with
+"etcd" every registry of the test is a front of one real three-member etcd
+cluster on loopback (shared by the session; each test gets its own key
+prefix). A test that kills etcd members gets clusters of its own from
+``etcd_cluster_factory``.
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ from pathlib import Path
 import pytest
 
 from geryon import localetcd
-from geryon.client import Client
+from geryon.client import Client, Watch, WatchMessage
+from geryon.model import Event
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -155,7 +158,6 @@ class Registry(Daemon):
         self.port = port or free_port()
         self.data_dir = data_dir
         self.extra = list(extra)
-        self.etcd = etcd
         store = ["--etcd", etcd, "--etcd-prefix", prefix] if etcd else ["--data-dir", str(data_dir)]
         super().__init__(
             [
@@ -204,21 +206,57 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):  # type
 _prefixes = itertools.count()
 
 
+def _etcd_or_skip() -> None:
+    if localetcd.binary() is None:
+        pytest.skip("etcd is not installed (make test installs Debian's etcd-server)")
+
+
+@contextlib.contextmanager
+def _running(cluster: localetcd.Cluster) -> Iterator[localetcd.Cluster]:
+    """Start ``cluster`` and stop it afterwards, also when the start fails
+    half way (members started, no leader in time) or the test fails."""
+    try:
+        yield cluster.start()
+    finally:
+        cluster.stop()
+
+
 @pytest.fixture(scope="session")
 def etcd_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[localetcd.Cluster]:
     """One real three-member etcd cluster on loopback for the whole session."""
-    if localetcd.binary() is None:
-        pytest.skip("etcd is not installed (make test installs Debian's etcd-server)")
-    cluster = localetcd.Cluster(tmp_path_factory.mktemp("etcd")).start()
-    yield cluster
-    cluster.stop()
+    _etcd_or_skip()
+    with _running(localetcd.Cluster(tmp_path_factory.mktemp("etcd"))) as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def etcd_cluster_factory(tmp_path: Path) -> Iterator[Callable[..., localetcd.Cluster]]:
+    """Clusters of the test's own (for tests that kill members, need TLS or
+    an etcd-wide history): ``etcd_cluster_factory(size=3, tls_dir=None)``
+    starts one; every one is stopped after the test, however it ends."""
+    _etcd_or_skip()
+    with contextlib.ExitStack() as stack:
+        names = itertools.count()
+
+        def start(size: int = 3, tls_dir: Path | None = None) -> localetcd.Cluster:
+            root = tmp_path / f"etcd{next(names)}"
+            return stack.enter_context(_running(localetcd.Cluster(root, size, tls_dir=tls_dir)))
+
+        yield start
 
 
 @pytest.fixture
 def backend() -> str:
     """The store registries use: "sqlite" here; modules that test both
-    override this fixture with params=["sqlite", "etcd"]."""
+    override it with ``backend = both_stores``."""
     return "sqlite"
+
+
+@pytest.fixture(params=["sqlite", "etcd"])
+def both_stores(request: pytest.FixtureRequest) -> str:
+    """Assigned to ``backend`` in a module, runs each of its tests on both stores
+    (a test still narrows it with ``@pytest.mark.parametrize("backend", [...])``)."""
+    return request.param
 
 
 @pytest.fixture
@@ -232,15 +270,19 @@ def etcd_prefix(backend: str, request: pytest.FixtureRequest) -> tuple[str, str]
 
 @pytest.fixture
 def start_registry(
-    tmp_path: Path, daemons: list[Daemon], etcd_prefix: tuple[str, str] | None
+    tmp_path: Path, daemons: list[Daemon], backend: str, request: pytest.FixtureRequest
 ) -> Callable[..., Registry]:
     """Start a registry on the test's store; with etcd, every registry a test
-    starts is a front of the same prefix (unless given another)."""
+    starts is a front of the same prefix of the session's cluster (unless
+    given ``etcd=``: that cluster is then not started for it). The registry
+    is in ``daemons`` before it starts, so it is killed however its start ends."""
 
     def start(name: str = "registry", **kw: object) -> Registry:
-        if etcd_prefix is not None:
-            kw.setdefault("etcd", etcd_prefix[0])
-            kw.setdefault("prefix", etcd_prefix[1])
+        if "etcd" not in kw and backend == "etcd":
+            store = request.getfixturevalue("etcd_prefix")
+            if store is not None:
+                kw["etcd"] = store[0]
+                kw.setdefault("prefix", store[1])
         r = Registry(tmp_path / name, **kw)  # type: ignore[arg-type]
         daemons.append(r)
         return r.start()  # type: ignore[return-value]
@@ -257,6 +299,69 @@ def registry(start_registry: Callable[..., Registry]) -> Registry:
 async def client(registry: Registry) -> AsyncIterator[Client]:
     async with registry.client() as c:
         yield c
+
+
+# ---- watches ----------------------------------------------------------------
+
+
+async def collect(watch, until, *, timeout: float = 10.0) -> list[WatchMessage]:  # type: ignore[no-untyped-def]
+    """Read a watch (or its iterator) until ``until(messages)`` holds."""
+    out: list[WatchMessage] = []
+
+    async def run() -> None:
+        async for m in watch:
+            out.append(m)
+            if until(out):
+                return
+
+    await asyncio.wait_for(run(), timeout)
+    return out
+
+
+@contextlib.asynccontextmanager
+async def watching(watch: Watch) -> AsyncIterator[list[WatchMessage]]:
+    """Read ``watch`` into a list in the background while the block runs;
+    after it (however it ends) stop reading and close the watch. The reader's
+    own error, if it failed, is raised when the block did not fail first."""
+    got: list[WatchMessage] = []
+
+    async def read() -> None:
+        async for m in watch:
+            got.append(m)
+
+    reader = asyncio.create_task(read(), name="test watch reader")
+
+    async def stop() -> BaseException | None:
+        failed = reader.exception() if reader.done() and not reader.cancelled() else None
+        reader.cancel()
+        await asyncio.gather(reader, return_exceptions=True)
+        await watch.close()
+        return failed
+
+    try:
+        yield got
+    except BaseException as exc:
+        if (failed := await stop()) is not None:
+            exc.add_note(f"(the watch reader had failed: {failed!r})")
+        raise
+    if (failed := await stop()) is not None:
+        raise failed
+
+
+def events_of(messages: list[WatchMessage]) -> list[Event]:
+    return [e for m in messages if m.kind == "events" for e in m.events]
+
+
+def progressed(messages: list[WatchMessage]) -> int:
+    """The highest revision a progress notice vouched for (0: none yet): every
+    event at or below it was delivered before it."""
+    return max((m.revision for m in messages if m.kind == "progress"), default=0)
+
+
+async def gone(c: Client, svc: str) -> bool:
+    """No entry with ``svc=SVC`` is left."""
+    services, _ = await c.find({"svc": svc})
+    return not services
 
 
 def run_cli(

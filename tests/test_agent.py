@@ -108,8 +108,13 @@ def test_registry_is_one_address_or_a_list_of_fronts(tmp_path: Path) -> None:
         f"{f}: registry: want a non-empty array of HOST:PORT strings"
     ]
     assert problems(tmp_path, toml({"registry": ["a:1", "a:1"]})) == [
-        f"{f}: registry: 'a:1,a:1' names an address twice"
+        f"{f}: registry: ['a:1', 'a:1'] names an address twice"
     ]
+    # Each element is one address: none hides a list, none is blank.
+    for element in ("a:1,b:2", ""):
+        assert problems(tmp_path, toml({"registry": [element, "c:3"]})) == [
+            f"{f}: registry: bad address {element!r} (want one HOST:PORT an element)"
+        ]
 
 
 def test_config_refuses_agent_attrs_and_bad_toml(tmp_path: Path) -> None:

@@ -125,3 +125,22 @@ def test_help_texts() -> None:
         assert r.returncode == 0 and "usage: geryon" in r.stdout
     r = subprocess.run([str(BIN / "geryon-registryd"), "--help"], capture_output=True, text=True)
     assert "--data-dir" in r.stdout and "--tls-dir" in r.stdout
+
+
+def test_registryd_refuses_etcd_flags_without_etcd() -> None:
+    for args in (
+        ["--etcd-prefix", "/g/"],
+        ["--etcd-timeout", "3"],
+        ["--etcd-compact-interval", "0"],
+    ):
+        r = subprocess.run(
+            [str(BIN / "geryon-registryd"), "--listen", "127.0.0.1:0", *args],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            stdin=subprocess.DEVNULL,
+        )
+        assert r.returncode == 2, args
+        assert r.stderr.splitlines()[-1].endswith(f"{args[0]}: needs --etcd"), r.stderr
+    r = subprocess.run([str(BIN / "geryon-registryd"), "--help"], capture_output=True, text=True)
+    assert "(default /geryon/)" in r.stdout and "default 60)" in r.stdout

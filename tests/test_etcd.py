@@ -13,6 +13,7 @@ together, one at a time.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import random
 import re
 import signal
@@ -22,13 +23,21 @@ from pathlib import Path
 
 import grpc
 import pytest
-from conftest import BIN, Daemon, Registry, eventually
+from conftest import (
+    BIN,
+    Registry,
+    events_of,
+    eventually,
+    gone,
+    progressed,
+    watching,
+)
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from geryon import errors, localetcd, tls
-from geryon.client import Client, WatchMessage
+from geryon.client import Client
 from geryon.convert import pb, pb_grpc
-from geryon.model import Event, EventType
+from geryon.model import EventType
 from geryon.store.etcd_rpc import Etcd, epb
 
 
@@ -38,13 +47,10 @@ def backend() -> str:
 
 
 @pytest.fixture
-def cluster(tmp_path: Path) -> localetcd.Cluster:
-    """A cluster of this test's own, for tests that kill its members."""
-    if localetcd.binary() is None:
-        pytest.skip("etcd is not installed (make test installs Debian's etcd-server)")
-    c = localetcd.Cluster(tmp_path / "etcd").start()
-    yield c
-    c.stop()
+def cluster(etcd_cluster_factory: Callable[..., localetcd.Cluster]) -> localetcd.Cluster:
+    """A three-member cluster of this test's own, for tests that kill its
+    members or compact its history."""
+    return etcd_cluster_factory()
 
 
 def fronts(start_registry: Callable[..., Registry], n: int = 2, **kw: object) -> list[Registry]:
@@ -53,6 +59,11 @@ def fronts(start_registry: Callable[..., Registry], n: int = 2, **kw: object) ->
 
 def both(a: Registry, b: Registry) -> str:
     return f"{a.address},{b.address}"
+
+
+def using(c: Client) -> str:
+    """The address of the endpoint ``c`` uses now."""
+    return c.targets[c.endpoint()[0]]
 
 
 async def test_a_write_through_one_front_is_read_through_the_other_at_once(
@@ -138,16 +149,10 @@ async def test_fenced_updates_through_both_fronts_lose_nothing(
         assert (await ca.get("counter")).attrs["n"] == str(workers * rounds)
         assert (await cb.get("counter")).attrs["n"] == str(workers * rounds)
         assert len((await cb.find({"w": "1"}))[0]) == workers
-        assert sum(conflicts) > 0  # the fronts really raced
-
-
-async def _watch_into(watch, out: list[WatchMessage]) -> None:
-    async for m in watch:
-        out.append(m)
-
-
-def _events(messages: list[WatchMessage]) -> list[Event]:
-    return [e for m in messages if m.kind == "events" for e in m.events]
+        # Each front refused stale updates (by the hundred in practice, so
+        # this is no gamble), and yet none of the increments was lost.
+        through_a, through_b = sum(conflicts[1::2]), sum(conflicts[0::2])
+        assert through_a > 0 and through_b > 0, conflicts
 
 
 async def test_a_client_moves_from_a_killed_front_losing_and_repeating_nothing(
@@ -155,41 +160,42 @@ async def test_a_client_moves_from_a_killed_front_losing_and_repeating_nothing(
 ) -> None:
     a, b = fronts(start_registry)
     # The holder and the watcher prefer front a; the writer uses b.
-    async with Client(both(a, b)) as holder, b.client() as writer:
-        lease = holder.lease(15_000)
-        await lease.start()
+    async with (
+        Client(both(a, b)) as holder,
+        b.client() as writer,
+        holder.lease(15_000) as lease,
+    ):
         for i in range(3):
             await holder.register(f"tcp!held!{i}", {"svc": "held"}, lease=lease.id)
         _, start = await writer.find()
-        got: list[WatchMessage] = []
-        watch = holder.watch(start_revision=start + 1)
-        reader = asyncio.create_task(_watch_into(watch, got))
-        written = []
-        for i in range(10):
-            written.append(await writer.register(f"w{i}", {"i": str(i)}, persist=True))
-        await eventually(lambda: len(_events(got)) >= 10)
-        assert holder.targets[holder._current] == a.address
+        watch = holder.watch(start_revision=start + 1, progress_interval_ms=100)
+        async with watching(watch) as got:
+            written = []
+            for i in range(10):
+                written.append(await writer.register(f"w{i}", {"i": str(i)}, persist=True))
+            await eventually(lambda: len(events_of(got)) >= 10)
+            assert using(holder) == a.address
 
-        a.kill9()  # no goodbye: the front cannot end anything
-        for i in range(10, 30):
-            written.append(await writer.register(f"w{i}", {"i": str(i)}, persist=True))
-            await asyncio.sleep(0.02)
-        await eventually(lambda: len(_events(got)) >= 30, timeout=20)
-        await asyncio.sleep(0.5)  # room for anything spurious to arrive
-        await eventually(lambda: lease.connected.is_set(), timeout=20)
+            a.kill9()  # no goodbye: the front cannot end anything
+            for i in range(10, 30):
+                written.append(await writer.register(f"w{i}", {"i": str(i)}, persist=True))
+                await asyncio.sleep(0.02)  # spread the writes over the move
+            # Nothing spurious either: the watch vouches for every revision
+            # up to the present one (a progress notice) before we compare.
+            _, now = await writer.find()
+            await eventually(lambda: progressed(got) >= now, timeout=20)
+            await eventually(lambda: lease.connected.is_set(), timeout=20)
 
-        # Every write exactly once, in order; nothing about the held entries.
-        events = _events(got)
-        assert [(e.type, e.service) for e in events] == [(EventType.PUT, s) for s in written]
-        assert holder.targets[holder._current] == b.address
-        assert not lease.lost.is_set() and lease.breaks >= 1
-        held, _ = await writer.find({"svc": "held"})
-        assert [s.name for s in held] == [f"tcp!held!{i}" for i in range(3)]
-        reader.cancel()
-        await watch.close()
+            # Every write exactly once, in order; nothing about the held entries.
+            events = events_of(got)
+            assert [(e.type, e.service) for e in events] == [(EventType.PUT, s) for s in written]
+            assert using(holder) == b.address
+            assert not lease.lost.is_set() and lease.breaks >= 1
+            held, _ = await writer.find({"svc": "held"})
+            assert [s.name for s in held] == [f"tcp!held!{i}" for i in range(3)]
         # The lease's stream is now on b: its end there ends the lease.
         await lease.close(revoke=False)
-        await eventually(lambda: _gone(writer, "held"), timeout=10)
+        await eventually(lambda: gone(writer, "held"), timeout=10)
 
 
 async def test_a_lease_holder_leaves_a_frozen_front_in_time(
@@ -199,35 +205,42 @@ async def test_a_lease_holder_leaves_a_frozen_front_in_time(
     # open. The client must not wait for them to time out (a minute) but
     # renew through the other front while the lease lives.
     a, b = fronts(start_registry)
-    async with Client(both(a, b)) as holder, b.client() as other:
-        lease = holder.lease(10_000)
-        await lease.start()
+    async with (
+        Client(both(a, b)) as holder,
+        b.client() as other,
+        holder.lease(10_000) as lease,
+    ):
         await holder.register("tcp!held!1", {"svc": "held"}, lease=lease.id)
+        assert using(holder) == a.address  # it renews through a until a freezes
         a.signal(signal.SIGSTOP)
         try:
-            await eventually(lambda: holder.targets[holder._current] == b.address, timeout=15)
+            await eventually(lambda: using(holder) == b.address, timeout=15)
             await eventually(lambda: lease.connected.is_set(), timeout=15)
-            await asyncio.sleep(11)  # past the TTL: it was renewed through b
+            # Past the TTL, measured by the lease itself: its remaining time,
+            # read through b, rises at each renewal. The client renews every
+            # TTL/3, so three rises seen after the first renewal through b
+            # come at least a TTL after it, and so after the freeze: without
+            # them the lease would have expired.
+            remaining: list[int] = []
+
+            async def renewed_three_times() -> bool:
+                mine = [x for x in await other.leases() if x.id == lease.id]
+                assert mine and mine[0].remaining_ms > 0, f"the lease ended: {remaining}"
+                remaining.append(mine[0].remaining_ms)
+                return sum(y > x for x, y in itertools.pairwise(remaining)) >= 3
+
+            await eventually(renewed_three_times, timeout=30, interval=0.2)
             assert not lease.lost.is_set()
             assert [s.name for s in (await other.find({"svc": "held"}))[0]] == ["tcp!held!1"]
         finally:
             a.signal(signal.SIGCONT)
-        await lease.close(revoke=True)
-
-
-async def _gone(c: Client, svc: str) -> bool:
-    return (await c.find({"svc": svc}))[0] == []
 
 
 async def test_the_etcd_leader_killed_under_writes_loses_nothing(
-    tmp_path: Path, daemons: list[Daemon], cluster: localetcd.Cluster
+    start_registry: Callable[..., Registry], cluster: localetcd.Cluster
 ) -> None:
-    front = Registry(tmp_path / "front", etcd=cluster.endpoints, prefix="/ha/")
-    daemons.append(front)
-    front.start()
-    async with front.client(retry_for=30) as c:
-        lease = c.lease(10_000)
-        await lease.start()
+    front = start_registry("front", etcd=cluster.endpoints, prefix="/ha/")
+    async with front.client(retry_for=30) as c, c.lease(10_000) as lease:
         await c.register("tcp!kept!1", {"svc": "kept"}, lease=lease.id)
         acked: list[str] = []
         stop = asyncio.Event()
@@ -241,70 +254,78 @@ async def test_the_etcd_leader_killed_under_writes_loses_nothing(
                 i += 1
 
         writers = [asyncio.create_task(write(w)) for w in range(4)]
-        await eventually(lambda: len(acked) >= 40, timeout=20)
-        leader = cluster.leader()
-        leader.kill9()
-        before = len(acked)
-        # Writes resume once the others elect a leader.
-        await eventually(lambda: len(acked) >= before + 40, timeout=30)
-        assert cluster.leader() is not leader
-        stop.set()
-        await asyncio.gather(*writers)
+        try:
+            await eventually(lambda: len(acked) >= 40, timeout=20)
+            cluster.leader().kill9()
+            before = len(acked)
+            # Writes resume once the others elect a leader.
+            await eventually(lambda: len(acked) >= before + 40, timeout=30)
+            stop.set()
+            await asyncio.gather(*writers)
+        finally:
+            for w in writers:
+                w.cancel()
+            await asyncio.gather(*writers, return_exceptions=True)
 
         found = {s.name for s in (await c.find(prefix="w"))[0]}
         assert set(acked) <= found, f"lost: {sorted(set(acked) - found)[:5]}"
         assert not lease.lost.is_set()
         assert [s.name for s in (await c.find({"svc": "kept"}))[0]] == ["tcp!kept!1"]
-        await lease.close(revoke=True)
 
 
 async def test_a_front_that_loses_etcd_is_unavailable_and_comes_back(
-    tmp_path: Path, daemons: list[Daemon], cluster: localetcd.Cluster
+    start_registry: Callable[..., Registry], cluster: localetcd.Cluster
 ) -> None:
-    front = Registry(
-        tmp_path / "front", etcd=cluster.endpoints, prefix="/lost/", extra=["--etcd-timeout", "1"]
+    front = start_registry(
+        "front", etcd=cluster.endpoints, prefix="/lost/", extra=["--etcd-timeout", "1"]
     )
-    daemons.append(front)
-    front.start()
-    channel = grpc.aio.insecure_channel(front.address)
-    health = health_pb2_grpc.HealthStub(channel)
+    async with (
+        grpc.aio.insecure_channel(front.address) as channel,
+        # Longer than the front's --etcd-timeout, so its answer comes in time.
+        front.client(retry_for=3) as c,
+    ):
+        health = health_pb2_grpc.HealthStub(channel)
 
-    async def status() -> int:
-        r = await health.Check(health_pb2.HealthCheckRequest(service="geryon.v1.Registry"))
-        return r.status
+        async def status() -> int:
+            r = await health.Check(health_pb2.HealthCheckRequest(service="geryon.v1.Registry"))
+            return r.status
 
-    async with front.client(retry_for=1) as c:
         await c.register("d0", {"a": "1"}, persist=True)
-        watch = c.watch()
-        assert (await anext(aiter(watch))).kind == "progress"
         raw = pb_grpc.RegistryStub(channel).Watch()
-        await raw.write(pb.WatchRequest(create_request=pb.WatchCreateRequest()))
-        assert (await raw.read()).type == pb.WatchResponse.TYPE_PROGRESS
-        assert await status() == health_pb2.HealthCheckResponse.SERVING
+        try:
+            async with watching(c.watch()) as got:
+                assert (await eventually(lambda: got))[0].kind == "progress"
+                await raw.write(pb.WatchRequest(create_request=pb.WatchCreateRequest()))
+                assert (await raw.read()).type == pb.WatchResponse.TYPE_PROGRESS
+                assert await status() == health_pb2.HealthCheckResponse.SERVING
 
-        for m in cluster.members:
-            m.kill9()
-        with pytest.raises(errors.Unavailable):
-            await c.get("d0")
-        with pytest.raises(errors.Unavailable):
-            await c.register("d1", {}, persist=True)
-        await eventually(
-            lambda: _is(status, health_pb2.HealthCheckResponse.NOT_SERVING), timeout=15
-        )
-        # Its watch streams end, so their clients try elsewhere.
-        with pytest.raises(grpc.aio.AioRpcError) as cut:
-            await asyncio.wait_for(raw.read(), 15)
-        assert cut.value.code() == grpc.StatusCode.UNAVAILABLE
+                for m in cluster.members:
+                    m.kill9()
+                with pytest.raises(errors.Unavailable):
+                    await c.get("d0")
+                with pytest.raises(errors.Unavailable):
+                    await c.register("d1", {}, persist=True)
+                await eventually(
+                    lambda: _is(status, health_pb2.HealthCheckResponse.NOT_SERVING), timeout=15
+                )
+                # Its watch streams end, so their clients try elsewhere.
+                with pytest.raises(grpc.aio.AioRpcError) as cut:
+                    await asyncio.wait_for(raw.read(), 15)
+                assert cut.value.code() == grpc.StatusCode.UNAVAILABLE
 
-        for m in cluster.members:
-            cluster.restart(m)
-        cluster.wait_ready()
-        await eventually(lambda: _is(status, health_pb2.HealthCheckResponse.SERVING), timeout=30)
-        async with front.client(retry_for=10) as again:
-            assert (await again.get("d0")).attrs == {"a": "1"}
-            await again.register("d1", {}, persist=True)
-        await watch.close()
-    await channel.close()
+                for m in cluster.members:
+                    cluster.restart(m)
+                cluster.wait_ready()
+                await eventually(
+                    lambda: _is(status, health_pb2.HealthCheckResponse.SERVING), timeout=30
+                )
+                async with front.client(retry_for=10) as again:
+                    assert (await again.get("d0")).attrs == {"a": "1"}
+                    d1 = await again.register("d1", {}, persist=True)
+                # The client library's watch came back by itself, up to d1.
+                await eventually(lambda: got[-1].revision >= d1.mod_revision, timeout=30)
+        finally:
+            raw.cancel()
 
 
 async def _is(status: Callable, want: int) -> bool:
@@ -331,20 +352,18 @@ async def test_fronts_compact_etcds_history_together_one_at_a_time(
         # oldest: the 10th newest event's revision (--history 10).
         keep = revisions[-10]
         await eventually(lambda: _out_of_range_at((a, b), first.mod_revision, keep), timeout=15)
-        # A front started now, on compacted history, says the same.
+        # A front started now, on compacted history, says the same (once its
+        # history window has filled, which it may serve before).
         c = start_registry("front2", etcd=cluster.endpoints, extra=extra)
-        assert await _out_of_range_at((c,), first.mod_revision, keep)
+        await eventually(lambda: _out_of_range_at((c,), first.mod_revision, keep), timeout=15)
         # A watch from the oldest held works on every front, and replays the rest.
         for front in (a, b, c):
             async with front.client() as client:
                 _, now = await client.find()
                 w = client.watch({"n": "*"}, start_revision=keep, progress_interval_ms=100)
-                got: list[WatchMessage] = []
-                task = asyncio.create_task(_watch_into(w, got))
-                await eventually(lambda got=got, now=now: got and got[-1].revision >= now)
-                task.cancel()
-                await w.close()
-                assert [e.revision for e in _events(got)] == revisions[-10:], front.address
+                async with watching(w) as got:
+                    await eventually(lambda got=got, now=now: got and got[-1].revision >= now)
+                assert [e.revision for e in events_of(got)] == revisions[-10:], front.address
     # Each compaction was done by exactly one front.
     done = re.findall(r"compacted etcd's history to revision (\d+)", a.log() + b.log())
     assert done and len(done) == len(set(done))
@@ -370,35 +389,33 @@ async def _out_of_range_at(fronts: tuple[Registry, ...], start: int, want: int) 
     return all([await _oldest(r, start) == want for r in fronts])
 
 
-async def test_etcd_over_mutual_tls(tmp_path: Path, daemons: list[Daemon]) -> None:
-    """--etcd-tls-dir: the front proves itself to etcd with a certificate
-    from the cluster CA, and checks etcd's."""
-    if localetcd.binary() is None:
-        pytest.skip("etcd is not installed (make test installs Debian's etcd-server)")
+async def test_etcd_over_mutual_tls(
+    tmp_path: Path,
+    start_registry: Callable[..., Registry],
+    etcd_cluster_factory: Callable[..., localetcd.Cluster],
+) -> None:
+    """--etcd-tls-dir: the front proves itself to every member of etcd with a
+    certificate from the cluster CA, and checks theirs."""
     tls.init_ca(tmp_path / "ca")
     etcd_id = tls.issue(tmp_path / "ca", "etcd", role="server", out=tmp_path / "etcd-id")
     front_id = tls.issue(tmp_path / "ca", "front", role="server", out=tmp_path / "front-id")
-    cluster = localetcd.Cluster(tmp_path / "etcd", size=1, tls_dir=etcd_id).start()
-    try:
-        front = Registry(
-            tmp_path / "front",
-            etcd=cluster.endpoints,
-            prefix="/tls/",
-            extra=["--etcd-tls-dir", str(front_id)],
+    cluster = etcd_cluster_factory(tls_dir=etcd_id)
+    front = start_registry(
+        "front",
+        etcd=cluster.endpoints,
+        prefix="/tls/",
+        extra=["--etcd-tls-dir", str(front_id)],
+    )
+    async with front.client() as c:
+        await c.register("d0", {"a": "1"}, persist=True)
+        assert (await c.get("d0")).attrs == {"a": "1"}
+    # Without a certificate etcd refuses the front: a one-line error.
+    with pytest.raises(AssertionError, match="exited 1"):
+        start_registry(
+            "plain", etcd=cluster.endpoints, prefix="/tls/", extra=["--log-level", "error"]
         )
-        daemons.append(front)
-        front.start()
-        async with front.client() as c:
-            await c.register("d0", {"a": "1"}, persist=True)
-            assert (await c.get("d0")).attrs == {"a": "1"}
-        # Without a certificate etcd refuses the front: a one-line error.
-        plain = Registry(tmp_path / "plain", etcd=cluster.endpoints, prefix="/tls/")
-        plain.argv += ["--log-level", "error"]
-        with pytest.raises(AssertionError, match="exited 1"):
-            plain.start()
-        assert plain.log().strip().splitlines()[-1].startswith("geryon-registryd: etcd ")
-    finally:
-        cluster.stop()
+    log = (tmp_path / "plain.log").read_text()
+    assert log.strip().splitlines()[-1].startswith("geryon-registryd: etcd ")
 
 
 @pytest.mark.parametrize(

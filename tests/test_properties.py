@@ -81,12 +81,11 @@ import re
 import unicodedata
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
-from conftest import Daemon, Registry, eventually
+from conftest import Registry, both_stores, eventually
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -1555,24 +1554,13 @@ class RegistryMachine(RuleBasedStateMachine):
                         await admin.unregister(s.name)
 
 
-@pytest.fixture(params=["sqlite", "etcd"])
-def backend(request: pytest.FixtureRequest) -> str:
-    return request.param
+backend = both_stores  # the machine runs on SQLite, and as a front of the session's etcd
 
 
 @pytest.mark.timeout(max(120, 30 * EXAMPLES))
-def test_registry_agrees_with_model(
-    tmp_path: Path,
-    daemons: list[Daemon],
-    backend: str,
-    etcd_prefix: tuple[str, str] | None,
-) -> None:
-    store: dict[str, Any] = {}
-    if etcd_prefix is not None:  # a front of the session's etcd, in a prefix of its own
-        store = {"etcd": etcd_prefix[0], "prefix": etcd_prefix[1]}
-    registry = Registry(tmp_path / "registry", extra=["--history", "20000"], **store)
-    daemons.append(registry)
-    registry.start()
+def test_registry_agrees_with_model(start_registry: Callable[..., Registry], backend: str) -> None:
+    # With etcd, a front of the session's cluster in a prefix of its own.
+    registry = start_registry(extra=["--history", "20000"])
     REACHED.clear()
     loop = asyncio.new_event_loop()
     env = Env(registry, loop, strict=backend == "sqlite")
@@ -1590,9 +1578,11 @@ def test_registry_agrees_with_model(
         run_state_machine_as_test(machine, settings=SETTINGS)
     finally:
         loop.run_until_complete(disconnect())
-        for task in asyncio.all_tasks(loop):
+        left = asyncio.all_tasks(loop)
+        for task in left:
             task.cancel()
-        loop.run_until_complete(asyncio.sleep(0.1))
+        if left:
+            loop.run_until_complete(asyncio.gather(*left, return_exceptions=True))
         loop.run_until_complete(loop.shutdown_asyncgens())
         loop.close()
     print(f"reached ({backend}):", ", ".join(f"{k} {n}" for k, n in sorted(REACHED.items())))

@@ -14,10 +14,20 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
-from conftest import BIN, CLUSTER, Daemon, Registry, eventually, run_cli
+from conftest import (
+    BIN,
+    CLUSTER,
+    Daemon,
+    Registry,
+    events_of,
+    eventually,
+    progressed,
+    run_cli,
+    watching,
+)
 
 from geryon import errors, tls
-from geryon.client import Client, Lease
+from geryon.client import Client, Lease, WatchMessage
 from geryon.model import Service
 
 M0 = "tcp!127.0.0.1!6701"  # d0.mbox's master, host0!chunk0
@@ -235,43 +245,43 @@ async def test_every_front_runs_ndb_without_flapping(
 async def each_change_once(c: Client) -> None:
     """Chunks come, fail over, come back and go: d0.mbox follows, each change
     written once (by whichever reconciler) and never undone."""
-    seen: list[tuple[str | None, ...]] = []
-    started = asyncio.Event()
 
-    async def record() -> None:
-        async for m in c.watch({"managed-by": "reconciler"}, prefix="d0.mbox", snapshot=True):
-            started.set()
-            for e in m.events:
-                a = e.service.attrs
-                seen.append((e.type.name, a.get("status"), a.get("serving"), a.get("addr")))
+    def seen(got: list[WatchMessage]) -> list[tuple[str | None, ...]]:
+        return [
+            (e.type.name, a.get("status"), a.get("serving"), a.get("addr"))
+            for e in events_of(got)
+            for a in [e.service.attrs]
+        ]
 
-    async with chunk_lease(c) as lease:
-        watcher = asyncio.create_task(record())
-        try:
-            await asyncio.wait_for(started.wait(), 10)
-            await c.register(M0, chunk_attrs("host0", "chunk0"), lease=lease.id)
-            await eventually(has(c, "d0.mbox", addr=M0))
-            await c.register(R0, chunk_attrs("host1", "chunk0"), lease=lease.id)
-            await eventually(has(c, "d0.replica", addr=R0))
-            await c.update(M0, {"health": "critical"})
-            await eventually(has(c, "d0.mbox", addr=R0))
-            await c.update(M0, {"health": "passing"})
-            await eventually(has(c, "d0.mbox", addr=M0))
-            await c.unregister(M0)
-            await eventually(has(c, "d0.mbox", addr=R0))
-            await c.unregister(R0)
-            await eventually(has(c, "d0.mbox", status="down"))
-            await eventually(lambda: len(seen) >= 5)
-            await asyncio.sleep(0.3)  # room for a flap to show
-            assert seen == [
-                ("PUT", "up", "master", M0),
-                ("PUT", "up", "replica", R0),
-                ("PUT", "up", "master", M0),
-                ("PUT", "up", "replica", R0),
-                ("PUT", "down", None, None),
-            ]
-        finally:
-            watcher.cancel()
+    watch = c.watch(
+        {"managed-by": "reconciler"}, prefix="d0.mbox", snapshot=True, progress_interval_ms=100
+    )
+    async with chunk_lease(c) as lease, watching(watch) as got:
+        await eventually(lambda: got)  # the snapshot: the watch is on
+        await c.register(M0, chunk_attrs("host0", "chunk0"), lease=lease.id)
+        await eventually(has(c, "d0.mbox", addr=M0))
+        await c.register(R0, chunk_attrs("host1", "chunk0"), lease=lease.id)
+        await eventually(has(c, "d0.replica", addr=R0))
+        await c.update(M0, {"health": "critical"})
+        await eventually(has(c, "d0.mbox", addr=R0))
+        await c.update(M0, {"health": "passing"})
+        await eventually(has(c, "d0.mbox", addr=M0))
+        await c.unregister(M0)
+        await eventually(has(c, "d0.mbox", addr=R0))
+        await c.unregister(R0)
+        await eventually(has(c, "d0.mbox", status="down"))
+        await eventually(lambda: len(seen(got)) >= 5)
+        # A flap written by now has shown: the watch vouches (a progress
+        # notice) for every revision up to the registry's present one.
+        _, now = await c.find()
+        await eventually(lambda: progressed(got) >= now)
+        assert seen(got) == [
+            ("PUT", "up", "master", M0),
+            ("PUT", "up", "replica", R0),
+            ("PUT", "up", "master", M0),
+            ("PUT", "up", "replica", R0),
+            ("PUT", "down", None, None),
+        ]
 
 
 async def test_inside_registryd_with_tls(

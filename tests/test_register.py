@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import BIN, Daemon, Registry, eventually, free_port, run_cli
+from conftest import BIN, Daemon, Registry, eventually, free_port, gone, run_cli
 
 from geryon import announce, tls
 from geryon.client import Backoff
@@ -121,7 +121,7 @@ async def test_register_end_to_end(registry: Registry, announcers, tmp_path: Pat
             assert talk(conn, "hi") == f"{pid} hi"
             conn.sendall(b"exit 3\n")
         # The entry goes with the command, and register exits with its status.
-        await eventually(lambda: _gone(c, "echo"))
+        await eventually(lambda: gone(c, "echo"))
         assert reg.proc.wait(10) == 3
 
 
@@ -147,13 +147,8 @@ async def test_register_kill9_leaves_nothing(registry: Registry, announcers, tmp
         pid, bg = int(s.attrs["pid"]), int((tmp_path / "bg").read_text())
         assert alive(pid) and alive(bg)
         reg.kill9()
-        await eventually(lambda: _gone(c, "sh"), timeout=10)
+        await eventually(lambda: gone(c, "sh"), timeout=10)
     await eventually(lambda: not alive(pid) and not alive(bg), timeout=10)
-
-
-async def _gone(c, svc: str) -> bool:  # type: ignore[no-untyped-def]
-    services, _ = await c.find({"svc": svc})
-    return not services
 
 
 async def test_register_survives_registry(tmp_path: Path, daemons, announcers) -> None:

@@ -12,35 +12,14 @@ import textwrap
 
 import grpc
 import pytest
-from conftest import Registry, eventually
+from conftest import Registry, both_stores, collect, events_of, eventually
 
 from geryon import errors
-from geryon.client import Client, WatchMessage
+from geryon.client import Client
 from geryon.convert import pb, pb_grpc
 from geryon.model import EventType
 
-
-@pytest.fixture(params=["sqlite", "etcd"])
-def backend(request: pytest.FixtureRequest) -> str:
-    return request.param
-
-
-async def collect(watch, until, *, timeout: float = 10.0) -> list[WatchMessage]:
-    """Read a watch until ``until(messages)`` holds."""
-    out: list[WatchMessage] = []
-
-    async def run() -> None:
-        async for m in watch:
-            out.append(m)
-            if until(out):
-                return
-
-    await asyncio.wait_for(run(), timeout)
-    return out
-
-
-def events_of(messages: list[WatchMessage]):
-    return [e for m in messages if m.kind == "events" for e in m.events]
+backend = both_stores  # every test here on both stores, unless it narrows it
 
 
 async def started(watch):

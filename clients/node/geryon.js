@@ -12,14 +12,18 @@
 //     WatchRequest.request is 'create_request' or 'progress_request'
 //
 //   const { connect, unary } = require('./geryon');
-//   const client = connect('127.0.0.1:6675,127.0.0.1:6676', process.env.GERYON_TLS_DIR);
-//   const { lease } = await unary(client, 'Grant', { ttl_ms: 5000 });
+//   const registry = connect('127.0.0.1:6675,127.0.0.1:6676', process.env.GERYON_TLS_DIR);
+//   const { lease } = await unary(registry, 'Grant', { ttl_ms: 5000 });
 //
 // A registry may have several endpoints (fronts over one etcd cluster): the
-// client uses the first, and moves to the next when a call fails UNAVAILABLE
-// or DEADLINE_EXCEEDED; unary() retries there, and a stream (Watch,
-// KeepAlive) opened after a failure opens there (resume a watch from the
-// revision after the last one it delivered).
+// client uses the first, and moves to the next when a call or a stream ends
+// UNAVAILABLE or DEADLINE_EXCEEDED, or an attempt of unary() gets no answer
+// within ATTEMPT_MS (doubled on each pass over the endpoints); unary()
+// retries there. A stream (Watch, KeepAlive) is not reopened for you: open
+// it again after its 'status' event (it follows 'error') and it opens on the
+// next endpoint; resume a watch from the revision after the last one it
+// delivered, and renew the lease there. A stream on an endpoint that stops
+// answering without ending is not detected.
 
 const fs = require('node:fs');
 const path = require('node:path');
@@ -31,6 +35,9 @@ const PROTO_FILE = 'geryon/v1/registry.proto';
 const DEFAULT_TARGET = '127.0.0.1:6675';
 // Failures that say nothing about the request: try the next endpoint.
 const TRANSIENT = new Set([grpc.status.UNAVAILABLE, grpc.status.DEADLINE_EXCEEDED]);
+// With several endpoints, one attempt at one of them: an endpoint that
+// accepts and never answers costs this, not the call's whole deadline.
+const ATTEMPT_MS = 1000;
 
 const LOADER_OPTIONS = Object.freeze({
   keepCase: true,
@@ -64,7 +71,8 @@ function credentials(tlsDir) {
 
 // Endpoints is a registry at one or more addresses: a geryon.v1.Registry
 // client for the one in use (client()), made when first needed, and the
-// streaming methods of that client.
+// streaming methods of that client, which move to the next endpoint when
+// their stream ends with a transient status.
 class Endpoints {
   constructor(targets, creds, options) {
     this.targets = targets;
@@ -93,12 +101,22 @@ class Endpoints {
     }
   }
 
+  // stream opens method's stream on the endpoint in use; a transient end
+  // ('status' comes with every end, error or not) sends the next stream to
+  // the next endpoint.
+  stream(method, args) {
+    const index = this.current;
+    const call = this.client()[method](...args);
+    call.on('status', (status) => this.failed(index, status));
+    return call;
+  }
+
   Watch(...args) {
-    return this.client().Watch(...args);
+    return this.stream('Watch', args);
   }
 
   KeepAlive(...args) {
-    return this.client().KeepAlive(...args);
+    return this.stream('KeepAlive', args);
   }
 
   close() {
@@ -107,14 +125,50 @@ class Endpoints {
   }
 }
 
-// splitTargets turns "host:port[,host:port...]" (or an array of them) into
-// a list, or throws naming what is wrong.
+// hostPort checks one HOST:PORT (IPv6 hosts in brackets) as Python's
+// geryon.endpoints.parse_hostport does, or throws naming it.
+function hostPort(text) {
+  const colon = text.lastIndexOf(':');
+  let host = colon < 0 ? '' : text.slice(0, colon);
+  const port = text.slice(colon + 1);
+  if (host.startsWith('[') && host.endsWith(']')) host = host.slice(1, -1);
+  if (colon < 0 || !host || !/^\d+$/.test(port) || Number(port) < 1 || Number(port) > 65535) {
+    throw new Error(`geryon: bad address ${JSON.stringify(text)} (want HOST:PORT)`);
+  }
+}
+
+// splitTargets turns "host:port[,host:port...]" (or an array of them, one an
+// element), or a lone "unix:PATH", into a list, checked as Python's
+// geryon.endpoints.parse checks a registry address; it throws naming what is
+// wrong.
 function splitTargets(target) {
-  const list = (Array.isArray(target) ? target : String(target || DEFAULT_TARGET).split(','))
-    .map((t) => t.trim())
-    .filter((t) => t);
-  if (list.length === 0 || list.some((t) => !/^(\[[^\]]+\]|[^:,\s]+):\d{1,5}$/.test(t))) {
-    throw new Error(`geryon: bad registry address ${JSON.stringify(target)} (want HOST:PORT[,HOST:PORT...])`);
+  const what = JSON.stringify(target);
+  let list;
+  if (Array.isArray(target)) {
+    if (target.length === 0 || !target.every((t) => typeof t === 'string')) {
+      throw new Error('geryon: want a non-empty array of HOST:PORT strings');
+    }
+    for (const t of target) {
+      if (!t.trim() || t.includes(',')) {
+        throw new Error(`geryon: bad address ${JSON.stringify(t)} (want one HOST:PORT an element)`);
+      }
+    }
+    list = target.map((t) => t.trim());
+  } else {
+    const text = String(target || DEFAULT_TARGET);
+    list = text.split(',').map((t) => t.trim()).filter((t) => t);
+    if (list.length === 0) {
+      throw new Error(`geryon: no address in ${what} (want HOST:PORT[,HOST:PORT...])`);
+    }
+  }
+  for (const t of list) {
+    if (!t.startsWith('unix:')) hostPort(t);
+    else if (list.length > 1) {
+      throw new Error(`geryon: ${what}: a unix: socket cannot be one of several endpoints`);
+    }
+  }
+  if (new Set(list).size !== list.length) {
+    throw new Error(`geryon: ${what} names an address twice`);
   }
   return list;
 }
@@ -141,14 +195,17 @@ function callOnce(client, method, request, metadata, deadline) {
 // unary calls a unary method ('Grant', 'Register', 'Find', ...) and resolves
 // with its response, or rejects with the gRPC error (err.code is a
 // grpc.status value). Within timeoutMs (10 s) a transient failure is retried
-// on the next endpoint.
+// on the next endpoint; with several endpoints, an attempt left unanswered
+// for ATTEMPT_MS (doubled on each pass over them) moves on too.
 async function unary(endpoints, method, request, { timeoutMs = 10000, metadata } = {}) {
   const end = Date.now() + timeoutMs;
+  const many = endpoints.targets.length;
   let pause = 50;
-  for (;;) {
+  for (let tries = 0; ; tries++) {
     const index = endpoints.current;
+    const attempt = many > 1 ? Math.min(end, Date.now() + ATTEMPT_MS * 2 ** Math.floor(tries / many)) : end;
     try {
-      return await callOnce(endpoints.client(), method, request, metadata, new Date(end));
+      return await callOnce(endpoints.client(), method, request, metadata, new Date(attempt));
     } catch (err) {
       endpoints.failed(index, err);
       if (!TRANSIENT.has(err.code) || Date.now() + pause >= end) throw err;
@@ -179,6 +236,7 @@ async function waitForReady(endpoints, timeoutMs = 10000) {
 }
 
 module.exports = {
+  ATTEMPT_MS,
   Endpoints,
   connect,
   splitTargets,

@@ -8,7 +8,7 @@ fronts) are the backends. Import a backend from its own module: only the one
 in use is loaded.
 """
 
-from geryon.store.base import Store, Written, wait
+from geryon.store.base import Store, Written
 from geryon.store.state import Limits, State
 
-__all__ = ["Limits", "State", "Store", "Written", "wait"]
+__all__ = ["Limits", "State", "Store", "Written"]

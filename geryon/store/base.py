@@ -16,8 +16,7 @@ state, the interface is what each backend implements.
 from __future__ import annotations
 
 import abc
-import asyncio
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Generic, NamedTuple, TypeVar
 
 from geryon.errors import GeryonError
@@ -160,8 +159,3 @@ class Store(State, abc.ABC):
     def lost(self, error: GeryonError) -> None:
         for notify in self.on_lost:
             notify(error)
-
-
-async def wait(future: Awaitable[None]) -> None:
-    """Await a durability future without letting a cancelled caller cancel it."""
-    await asyncio.shield(future)

@@ -72,6 +72,7 @@ from geryon.store.etcd_rpc import Compacted, Etcd, TooLarge, epb, prefix_end
 from geryon.store.state import (
     STATE_ERRORS,
     Limits,
+    State,
     validate_expected,
     validate_register,
     validate_update,
@@ -284,11 +285,13 @@ class EtcdStore(Store):
     async def _list(self) -> None:
         """Load the state: every key under the prefix at one revision, in
         pages (smaller ones when a page is too big for a message; from the
-        start again if etcd compacts past that revision meanwhile). The
-        history window starts empty, after it."""
+        start again if etcd compacts past that revision meanwhile). It is
+        loaded aside and swapped in whole: until then the old copy serves
+        (stale, so reads wait and fenced writes fail, but never half-empty).
+        The history window starts empty, after it."""
         page = PAGE
         while True:
-            self._clear()
+            fresh, holders = State(limits=self.limits), {}
             key, at = self.keys.prefix, 0
             try:
                 while True:
@@ -301,39 +304,39 @@ class EtcdStore(Store):
                         continue
                     at = at or r.header.revision
                     for kv in r.kvs:
-                        self._load(kv)
+                        self._load(kv, fresh, holders)
                     if not r.more or not r.kvs:
                         break
                     key = r.kvs[-1].key + b"\0"
                 break
             except OutOfRange:
                 continue
-        self.link_leases()
+        fresh.link_leases()
+        self.services, self.names, self.index, self.having, self.leases = (
+            fresh.services,
+            fresh.names,
+            fresh.index,
+            fresh.having,
+            fresh.leases,
+        )
+        self._holders = holders
         self.revision = self.durable_revision = self._listed_at = at
         self.history.clear()
         self.history_events = 0
         self.oldest_revision = at + 1
 
-    def _clear(self) -> None:
-        self.services.clear()
-        self.names.clear()
-        self.index.clear()
-        self.having.clear()
-        self.leases.clear()
-        self._holders.clear()
-
-    def _load(self, kv: epb.KeyValue) -> None:
+    def _load(self, kv: epb.KeyValue, into: State, holders: dict[LeaseID, bytes]) -> None:
         kind, ident = self.keys.parse(kv.key)
         if kind == "s":
             s = self._service(ident, kv)
             if s is not None:
-                self.index_add(s)
+                into.index_add(s)
         elif kind == "l":
             lease = self._lease(ident, kv)
             if lease is not None:
-                self.leases[lease.id] = lease
+                into.leases[lease.id] = lease
         elif kind == "h":
-            self._holders[ident] = kv.value
+            holders[ident] = kv.value
         elif kind == "compact":
             self._compacted(kv)
 
@@ -353,6 +356,9 @@ class EtcdStore(Store):
         self._tasks.clear()
         if self._rounds is not None:
             self._rounds.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._rounds
+        self._fail_waiting(Unavailable("registryd: closing"))
         await self.etcd.close()
 
     # ---- decoding -----------------------------------------------------------
@@ -385,8 +391,13 @@ class EtcdStore(Store):
         history it needs (a front that was away too long)."""
         delay = 0.05
         lost_since: float | None = None
+        compacted: Compacted | None = None
         while True:
             try:
+                if compacted is not None:  # in here: a failed re-list is tried again
+                    await self._relist(compacted)
+                    compacted = None
+                    start = self.revision + 1
                 async for events in self.etcd.watch(
                     self.keys.prefix, self.keys.end, start_revision=start
                 ):
@@ -398,8 +409,7 @@ class EtcdStore(Store):
                     start = self.revision + 1
                     delay = 0.05
             except Compacted as exc:
-                await self._relist(exc)
-                start = self.revision + 1
+                compacted = exc
                 continue
             except GeryonError as exc:
                 self._watch_up.clear()
@@ -477,6 +487,7 @@ class EtcdStore(Store):
         keeps it within the window's bounds), for watches resuming there."""
         if self._filler is not None:
             self._filler.cancel()
+            self._tasks.remove(self._filler)
         self._filled.clear()
         self._filler = asyncio.create_task(
             self._fill(max(self._compacted_at, 1), self._listed_at), name="etcd-window"
@@ -599,6 +610,20 @@ class EtcdStore(Store):
                 round_.set_result(await self._catch_up_once())
             except GeryonError as exc:
                 round_.set_exception(exc)
+            except BaseException as exc:  # a bug, or close(): strand no reader
+                self._fail_waiting(Unavailable(f"registryd: catch-up failed: {exc!r}"))
+                round_.set_exception(Unavailable(f"registryd: catch-up failed: {exc!r}"))
+                raise
+
+    def _fail_waiting(self, err: GeryonError) -> None:
+        """Nothing will wake them: fail the reads and writes that wait."""
+        waiting = [f for _, _, f in self._waiters]
+        if self._next_round is not None:
+            waiting.append(self._next_round)
+        self._waiters, self._next_round = [], None
+        for fut in waiting:
+            if not fut.done():
+                fut.set_exception(err)
 
     async def _catch_up_once(self) -> Revision:
         """One catch-up: etcd's current revision R (a linearizable read of

@@ -14,7 +14,6 @@ a subset of etcd's API) are imported here and nowhere else.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 from collections.abc import AsyncIterator, Sequence
@@ -23,7 +22,9 @@ from typing import Any
 
 import grpc
 
+from geryon import tls
 from geryon.errors import (
+    FailedPrecondition,
     GeryonError,
     Internal,
     NotFound,
@@ -53,6 +54,10 @@ CHANNEL_OPTIONS = [
     # Each member its own connection, even when two share an address.
     ("grpc.use_local_subchannel_pool", 1),
 ]
+# A watch that has heard nothing for this long asks for a progress report;
+# one that then hears nothing for as long again has lost its member.
+WATCH_IDLE_S = 2.0
+PROGRESS = epb.WatchProgressRequest()
 # Streams on a member cut off from its cluster's leader would go quiet, not
 # fail: with this, the member ends them (etcd's clientv3 WithRequireLeader).
 REQUIRE_LEADER = (("hasleader", "true"),)
@@ -104,10 +109,11 @@ def error(exc: grpc.aio.AioRpcError, where: str) -> GeryonError:
         grpc.StatusCode.DEADLINE_EXCEEDED,
         grpc.StatusCode.CANCELLED,
         grpc.StatusCode.RESOURCE_EXHAUSTED,  # a full database, or overload
-        grpc.StatusCode.UNAUTHENTICATED,
-        grpc.StatusCode.PERMISSION_DENIED,
     ) or any(d in details for d in _TRANSIENT_DETAILS):
         return Unavailable(f"etcd {where}: {details}")
+    if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+        # etcd's auth refuses this front: no other member or retry will do better.
+        return FailedPrecondition(f"etcd {where}: refused: {details}")
     if code == grpc.StatusCode.NOT_FOUND:
         return NotFound(f"etcd: {details}")
     if code == grpc.StatusCode.OUT_OF_RANGE:
@@ -116,7 +122,7 @@ def error(exc: grpc.aio.AioRpcError, where: str) -> GeryonError:
 
 
 class _Member:
-    """One endpoint: its channel and stubs, made when first used."""
+    """One endpoint: its channel (which connects when first used) and stubs."""
 
     def __init__(self, target: str, credentials: grpc.ChannelCredentials | None) -> None:
         self.target = target
@@ -127,8 +133,6 @@ class _Member:
         self.kv = egrpc.KVStub(self.channel)
         self.lease = egrpc.LeaseStub(self.channel)
         self.watch = egrpc.WatchStub(self.channel)
-        self.maintenance = egrpc.MaintenanceStub(self.channel)
-        self.cluster = egrpc.ClusterStub(self.channel)
 
 
 class Etcd:
@@ -145,7 +149,7 @@ class Etcd:
             raise ValueError("etcd: no endpoints")
         self.targets = list(targets)
         self.timeout = timeout
-        credentials = _credentials(tls_dir) if tls_dir else None
+        credentials = tls.channel_credentials(tls_dir) if tls_dir else None
         self._members = [_Member(t, credentials) for t in self.targets]
         # Start on a random member so that many fronts spread over the cluster.
         self._current = random.randrange(len(self._members))
@@ -272,11 +276,6 @@ class Etcd:
         """Renew a lease; seconds left, 0 when it is gone."""
         return await self._keepalive.renew(lease_id)
 
-    async def status(self) -> epb.StatusResponse:
-        return await self._call(
-            lambda m: m.maintenance.Status, epb.StatusRequest(), repeat=True, where="status"
-        )
-
     # ---- watch --------------------------------------------------------------
 
     async def watch(
@@ -295,10 +294,27 @@ class Etcd:
         create = epb.WatchCreateRequest(
             key=key, range_end=end, start_revision=start_revision, prev_kv=prev_kv, fragment=True
         )
+        reading: asyncio.Future[Any] | None = None
         try:
             await call.write(epb.WatchRequest(create_request=create))
             pieces: list[epb.Event] = []
-            async for r in call:
+            asked = False  # for a progress report, and heard nothing since
+            while True:
+                # Not a timeout on the read itself: cancelling a read cancels the call.
+                reading = reading or asyncio.ensure_future(call.read())
+                done, _ = await asyncio.wait({reading}, timeout=WATCH_IDLE_S)
+                if not done:
+                    # A quiet prefix, or a member that stopped answering (a
+                    # frozen or cut-off machine: the connection may stay up).
+                    if asked:
+                        raise Unavailable(f"etcd {member.target}: watch stream silent")
+                    async with asyncio.timeout(ATTEMPT_S):
+                        await call.write(epb.WatchRequest(progress_request=PROGRESS))
+                    asked = True
+                    continue
+                r, reading, asked = reading.result(), None, False
+                if r is grpc.aio.EOF:
+                    break
                 if r.compact_revision:
                     raise Compacted(r.compact_revision)
                 if r.canceled:
@@ -311,8 +327,16 @@ class Etcd:
         except grpc.aio.AioRpcError as exc:
             self.failed(member)
             raise error(exc, f"{member.target} watch") from None
+        except TimeoutError:
+            self.failed(member)
+            raise Unavailable(f"etcd {member.target}: watch stream stuck") from None
+        except Unavailable:
+            self.failed(member)
+            raise
         finally:
             call.cancel()
+            if reading is not None:
+                reading.cancel()
         self.failed(member)
         raise Unavailable(f"etcd {member.target}: watch stream ended")
 
@@ -322,13 +346,16 @@ class _KeepAlives:
 
     etcd answers each request with one response naming the lease; renewals of
     one lease asked for while one is already on its way share its answer.
+    Requests go out through one writer task: a grpc stream takes one write at
+    a time, and a renewal cancelled mid-write would cancel the whole stream.
     """
 
     def __init__(self, etcd: Etcd) -> None:
         self.etcd = etcd
         self._call: Any = None
         self._member: _Member | None = None
-        self._reader: asyncio.Task[None] | None = None
+        self._outbox: asyncio.Queue[int] = asyncio.Queue()
+        self._tasks: tuple[asyncio.Task[None], ...] = ()
         self._waiting: dict[int, list[asyncio.Future[int]]] = {}
         self._answered = 0.0  # when the stream last answered anything
 
@@ -339,7 +366,8 @@ class _KeepAlives:
         self._waiting.setdefault(lease_id, []).append(fut)
         try:
             if not joined:
-                await self._send(lease_id)
+                self._open()
+                self._outbox.put_nowait(lease_id)
             async with asyncio.timeout(ATTEMPT_S):
                 return await fut
         except TimeoutError:
@@ -359,18 +387,25 @@ class _KeepAlives:
     def _where(self) -> str:
         return self._member.target if self._member is not None else str(self.etcd)
 
-    async def _send(self, lease_id: int) -> None:
-        if self._call is None:
-            self._answered = asyncio.get_running_loop().time()
-            self._member = self.etcd.member()
-            self._call = self._member.lease.LeaseKeepAlive(metadata=REQUIRE_LEADER)
-            self._reader = asyncio.create_task(self._read(self._call), name="etcd-keepalive")
+    def _open(self) -> None:
+        if self._call is not None:
+            return
+        self._answered = asyncio.get_running_loop().time()
+        self._member = self.etcd.member()
+        self._call = call = self._member.lease.LeaseKeepAlive(metadata=REQUIRE_LEADER)
+        self._outbox = asyncio.Queue()
+        self._tasks = (
+            asyncio.create_task(self._write(call, self._outbox), name="etcd-keepalive-write"),
+            asyncio.create_task(self._read(call), name="etcd-keepalive-read"),
+        )
+
+    async def _write(self, call: Any, outbox: asyncio.Queue[int]) -> None:
         try:
-            await self._call.write(epb.LeaseKeepAliveRequest(ID=lease_id))
+            while True:
+                await call.write(epb.LeaseKeepAliveRequest(ID=await outbox.get()))
         except (grpc.aio.AioRpcError, asyncio.InvalidStateError) as exc:
-            err = Unavailable(f"etcd {self._where()}: keepalive stream: {exc}")
-            self._broken(err)
-            raise err from None
+            if call is self._call:
+                self._broken(Unavailable(f"etcd {self._where()}: keepalive stream: {exc}"))
 
     async def _read(self, call: Any) -> None:
         try:
@@ -389,31 +424,24 @@ class _KeepAlives:
         """The stream failed: fail whoever waits, reopen on the next member."""
         if self._member is not None:
             self.etcd.failed(self._member)
-        if self._call is not None:
-            self._call.cancel()
-        self._call = self._member = None
+        self._stop()
         waiting, self._waiting = self._waiting, {}
         for futs in waiting.values():
             for fut in futs:
                 if not fut.done():
                     fut.set_exception(err)
 
-    async def close(self) -> None:
+    def _stop(self) -> None:
         if self._call is not None:
             self._call.cancel()
-        if self._reader is not None:
-            self._reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reader
+        me = asyncio.current_task()
+        for task in self._tasks:
+            if task is not me:
+                task.cancel()
+        self._call = self._member = None
+        self._tasks = ()
 
-
-def _credentials(tls_dir: Path) -> grpc.ChannelCredentials:
-    """Client credentials from DIR/ca.crt, DIR/cert.pem and DIR/key.pem."""
-    try:
-        return grpc.ssl_channel_credentials(
-            root_certificates=(tls_dir / "ca.crt").read_bytes(),
-            private_key=(tls_dir / "key.pem").read_bytes(),
-            certificate_chain=(tls_dir / "cert.pem").read_bytes(),
-        )
-    except OSError as exc:
-        raise Unavailable(f"--etcd-tls-dir: {exc.filename}: {exc.strerror}") from None
+    async def close(self) -> None:
+        tasks = self._tasks
+        self._stop()
+        await asyncio.gather(*tasks, return_exceptions=True)

@@ -25,7 +25,7 @@ import json
 import logging
 import sqlite3
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,7 +43,7 @@ from geryon.model import (
     validate_name,
     validate_ttl,
 )
-from geryon.store.base import Store, Written, wait
+from geryon.store.base import Store, Written
 from geryon.store.state import (
     Limits,
     validate_expected,
@@ -91,6 +91,11 @@ def _service_json(s: Service) -> str:
 def _service_from_json(text: str) -> Service:
     name, attrs, lease, owner, create, mod = json.loads(text)
     return Service(name, attrs, lease, owner, create, mod)
+
+
+async def wait(future: Awaitable[None]) -> None:
+    """Await a durability future without letting a cancelled caller cancel it."""
+    await asyncio.shield(future)
 
 
 class SQLiteStore(Store):
@@ -165,7 +170,7 @@ class SQLiteStore(Store):
             (self.oldest_revision,),
         ):
             if rev != current_rev and current:
-                self.history.append((current_rev, tuple(current), current_ts))
+                self.record(current_rev, tuple(current), current_ts)
                 current = []
             current_rev, current_ts = rev, ts
             current.append(
@@ -177,8 +182,7 @@ class SQLiteStore(Store):
                 )
             )
         if current:
-            self.history.append((current_rev, tuple(current), current_ts))
-        self.history_events = sum(len(ev) for _, ev, _ in self.history)
+            self.record(current_rev, tuple(current), current_ts)
 
     async def close(self) -> None:
         """Flush what is pending and close the database."""
@@ -214,18 +218,6 @@ class SQLiteStore(Store):
             batch.revisions.append((revision, events, time.time()))
             batch.revision = revision
         return batch.future
-
-    def _barrier(self) -> asyncio.Future[None]:
-        """Done once every write applied so far is durable: what a no-op
-        answer waits for, without a transaction (and fsync) of its own."""
-        if self._failed is not None:
-            raise self._failed
-        pending = self._batch or self._inflight
-        if pending is not None:
-            return pending.future
-        done = asyncio.get_running_loop().create_future()
-        done.set_result(None)
-        return done
 
     async def read(self, look: Callable[[], T]) -> tuple[T, Revision]:
         # Memory may hold writes not yet durable: look now, answer once they are.
@@ -362,8 +354,7 @@ class SQLiteStore(Store):
         )
         if noop:  # idempotent: no new revision
             assert prev is not None
-            decided_at = self.revision
-            await wait(self._barrier())
+            decided_at = await self.sync()
             return Written(prev, decided_at)
         revision = self._next_revision()
         new = Service(
@@ -387,8 +378,7 @@ class SQLiteStore(Store):
             name, set_attrs, remove, expected_mod_revision=expected_mod_revision, caller=caller
         )
         if attrs == prev.attrs:
-            decided_at = self.revision
-            await wait(self._barrier())
+            decided_at = await self.sync()
             return Written(prev, decided_at)
         revision = self._next_revision()
         new = Service(name, attrs, prev.lease, prev.owner, prev.create_revision, revision)

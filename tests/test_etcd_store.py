@@ -1,0 +1,72 @@
+"""The etcd store in-process, and its etcd client (geryon.store.etcd_rpc),
+against the session's real three-member etcd cluster."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+
+from conftest import eventually
+
+from geryon import localetcd
+from geryon.errors import GeryonError, OutOfRange
+from geryon.model import Caller
+from geryon.store import Limits
+from geryon.store.etcd import EtcdStore
+from geryon.store.etcd_rpc import Etcd
+
+
+async def test_many_leases_renew_at_once_on_one_stream(etcd_cluster: localetcd.Cluster) -> None:
+    """Every front renews all its clients' leases over one KeepAlive stream:
+    renewals asked for at the same moment all get their answer, and one
+    given up half-way (its client went away) costs the others nothing."""
+    etcd = Etcd(etcd_cluster.endpoints.split(","))
+    try:
+        leases = [lid for lid, _ in await asyncio.gather(*(etcd.grant(10) for _ in range(40)))]
+        for _ in range(3):
+            ttls = await asyncio.gather(*(etcd.keepalive(lid) for lid in leases))
+            assert all(ttl > 0 for ttl in ttls)
+        gone = asyncio.create_task(etcd.keepalive(leases[0]))
+        others = asyncio.gather(*(etcd.keepalive(lid) for lid in leases[1:]))
+        await asyncio.sleep(0)
+        gone.cancel()
+        assert all(ttl > 0 for ttl in await others)
+        assert await etcd.keepalive(leases[0]) > 0
+        for lid in leases:
+            await etcd.revoke(lid)
+        assert await etcd.keepalive(leases[0]) == 0  # gone: etcd answers TTL 0
+    finally:
+        await etcd.close()
+
+
+async def test_a_front_whose_watch_fell_behind_compaction_relists(
+    etcd_cluster: localetcd.Cluster,
+) -> None:
+    """A front cut off from etcd while another writes and compacts cannot
+    resume its watch: it lists afresh, serves the new state, and tells its
+    watchers to re-list (OUT_OF_RANGE)."""
+    endpoints = etcd_cluster.endpoints.split(",")
+    limits = Limits(history_events=5)
+    a = await EtcdStore.open(endpoints, prefix="/relist/", limits=limits, compact_interval=0)
+    b = await EtcdStore.open(endpoints, prefix="/relist/", limits=limits, compact_interval=0)
+    told: list[GeryonError] = []
+    a.on_lost.append(told.append)
+    admin = Caller("admin")
+    # The member a's watch reads from stops answering (a frozen machine).
+    member = next(m for m in etcd_cluster.members if m.address == a.etcd.member().target)
+    assert member.proc is not None
+    try:
+        await a.register("before", {"k": "v"}, lease=0, persist=True, caller=admin)
+        os.kill(member.proc.pid, signal.SIGSTOP)
+        for i in range(20):
+            await b.register(f"after{i}", {"k": "v"}, lease=0, persist=True, caller=admin)
+        await b.unregister("before", expected_mod_revision=0, caller=admin)
+        assert await eventually(b.compact, timeout=20)
+        await eventually(lambda: any(isinstance(e, OutOfRange) for e in told), timeout=30)
+        names, _ = await a.read(lambda: sorted(a.services))
+        assert names == sorted(f"after{i}" for i in range(20))
+    finally:
+        os.kill(member.proc.pid, signal.SIGCONT)
+        await a.close()
+        await b.close()

@@ -37,7 +37,7 @@ const DEFAULT_TARGET = '127.0.0.1:6675';
 const TRANSIENT = new Set([grpc.status.UNAVAILABLE, grpc.status.DEADLINE_EXCEEDED]);
 // With several endpoints, one attempt at one of them: an endpoint that
 // accepts and never answers costs this, not the call's whole deadline.
-const ATTEMPT_MS = 1000;
+const ATTEMPT_MS = 2500; // as geryon/client.py ATTEMPT_S (why: there)
 
 const LOADER_OPTIONS = Object.freeze({
   keepCase: true,

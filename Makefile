@@ -41,6 +41,7 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.run
+	$(BIN)/python -m bench.disk
 
 lint: $(STAMP)
 	$(BIN)/ruff check geryon tests bench

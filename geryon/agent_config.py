@@ -18,11 +18,17 @@ frozen data: the agent compares two of them to apply a SIGHUP's difference.
     restart_max_delay = "30s"   #   jittered exponential backoff between
     ready_timeout = "30s"       #   restarts; how long a port may take to open
 
-    [[chunk]]                   # id, path, size, command: required
+    [[chunk]]                   # id, path, size: required
     id = "chunk0"
     path = "/chunks/chunk0"
-    size = "64MiB"
-    command = ["python", "-m", "geryon.chunkserve", "{path}", "{port}"]
+    size = "64MiB"              # without a command: a disk of this capacity,
+                                #   formatted when new and served over 9P2000
+                                #   (geryon disk serve); with one, the file is
+                                #   made this size and the command serves it
+    command = ["my-server", "{path}", "{port}"]
+    owner = "glenda"            # a new disk's owner (default: the agent's TLS
+                                #   identity, else the user running the agent)
+    users = "users"             # a new disk's /adm/users (id:name:leader:members)
     port = 0                    # 0: a free port at each start
     attrs = { kfs = "1" }
     env = { NAME = "value" }
@@ -52,6 +58,8 @@ from dataclasses import KW_ONLY, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from geryon.disk import users as users_mod
+from geryon.disk.fs import MIN_CAPACITY
 from geryon.endpoints import registry_address
 from geryon.errors import InvalidArgument
 from geryon.model import validate_attr_name
@@ -68,7 +76,9 @@ class ConfigError(Exception):
 RESTART_POLICIES = ("always", "on-failure", "never")
 HEALTH_TYPES = ("tcp", "command", "grpc", "none")
 # Attributes the agent sets itself; a config may not override them.
-CHUNK_OWN_ATTRS = frozenset({"id", "host", "size", "path", "name", "pid", "started", "health"})
+CHUNK_OWN_ATTRS = frozenset(
+    {"id", "host", "size", "used", "path", "name", "pid", "started", "health"}
+)
 LISTENER_OWN_ATTRS = frozenset({"host", "name", "pid", "started", "health"})
 NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
@@ -202,15 +212,25 @@ class ChunkSpec:
     health: HealthSpec = HealthSpec()
     restart: RestartSpec = RestartSpec()
     ready_timeout: float = 30.0
+    owner: str = ""  # a new disk's owner ("": the agent's identity)
+    users: Path | None = None  # a new disk's /adm/users ("": one naming the owner)
 
     @property
     def key(self) -> str:
         return f"chunk {self.id}"
 
     @property
+    def is_disk(self) -> bool:
+        """No command: the agent serves the chunk as a disk (geryon disk serve)."""
+        return not self.command
+
+    @property
     def announced_attrs(self) -> dict[str, str]:
         """The configured attributes and what the agent adds from the spec."""
-        return {**self.attrs, "id": self.id, "size": str(self.size), "path": str(self.path)}
+        own = {"id": self.id, "size": str(self.size), "path": str(self.path)}
+        if self.is_disk:
+            own["proto"] = "9p"
+        return {**self.attrs, **own}
 
 
 @dataclass(frozen=True, slots=True)
@@ -458,7 +478,9 @@ def parse(data: Mapping[str, Any], path: Path) -> AgentConfig:
         cid = t.get("id", str, None, required=True, parse=_name)
         cpath = t.get("path", str, None, required=True)
         size = t.get("size", (str, int), None, required=True, parse=parse_size)
-        command = _command(t, "command")
+        command = _command(t, "command", required=False)
+        owner = t.get("owner", str, "", parse=_name)
+        users = t.get("users", str, None)
         port = t.get("port", int, 0, parse=_port)
         spec_restart = _restart(t, restart)
         chunk_ready = t.get("ready_timeout", (str, int, float), ready_timeout, parse=parse_duration)
@@ -485,7 +507,20 @@ def parse(data: Mapping[str, Any], path: Path) -> AgentConfig:
             if port in ports:
                 t.problem("port", f"port {port} is also {ports[port]}.port")
             ports.setdefault(port, where)
-        if None not in (cid, cpath, size) and command:
+        if users is not None:
+            users = Path(os.path.abspath(path.parent / users))
+            if not users.is_file():
+                t.problem("users", f"{users}: no such file")
+            else:
+                try:
+                    users_mod.parse(users.read_text())
+                except (OSError, UnicodeDecodeError, users_mod.UsersError) as exc:
+                    t.problem("users", f"{users}: {exc}")
+        if not command and "command" not in raw and size is not None and size < MIN_CAPACITY:
+            t.problem("size", f"a disk needs at least {MIN_CAPACITY} bytes (256KiB)")
+        if command and (owner or users):
+            t.problem("owner" if owner else "users", "only for a disk (a chunk without command)")
+        if None not in (cid, cpath, size) and ("command" not in raw or command):
             chunks.append(
                 ChunkSpec(
                     cid,
@@ -498,6 +533,8 @@ def parse(data: Mapping[str, Any], path: Path) -> AgentConfig:
                     health=health,
                     restart=spec_restart,
                     ready_timeout=chunk_ready,
+                    owner=owner or "",
+                    users=users,
                 )
             )
 
@@ -587,6 +624,8 @@ CHUNK_KEYS = {
     "restart_delay",
     "restart_max_delay",
     "ready_timeout",
+    "owner",
+    "users",
 }
 HEALTH_KEYS = {
     "type",

@@ -21,6 +21,8 @@ from typing import Any
 
 from geryon import errors
 from geryon.cli_announce import add_announce_commands
+from geryon.cli_disk import add_disk_commands
+from geryon.cli_mount import add_mount_commands
 from geryon.client import DEFAULT_REGISTRY, Client, WatchMessage
 from geryon.endpoints import registry_address
 from geryon.model import ROLES, Event, Service, validate_attr_name
@@ -381,6 +383,8 @@ def build_parser() -> argparse.ArgumentParser:
     nd.set_defaults(run=cmd_ndb)
     add_announce_commands(sub)
     add_resolve_command(sub)
+    add_mount_commands(sub)
+    add_disk_commands(sub)
     return p
 
 

@@ -114,6 +114,12 @@ class Cluster:
         proc.wait()
 
     def stop(self) -> None:
+        for root in getattr(self, "unmount", []):
+            subprocess.run(
+                [str(BIN / "geryon"), "umount", "--root", str(root), "d0.mbox"],
+                env=self.env,
+                capture_output=True,
+            )
         for proc in self.procs.values():
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
@@ -126,11 +132,15 @@ class Cluster:
         if self.etcd is not None:
             self.etcd.stop()
 
-    def run(self, *args: str, show: bool = True) -> str:
+    def run(self, *args: str, show: bool = True, env: dict | None = None) -> str:
         if show:
             print(f"% geryon {' '.join(_shell_quote(a) for a in args)}", flush=True)
         r = subprocess.run(
-            [str(BIN / "geryon"), *args], env=self.env, capture_output=True, text=True, timeout=60
+            [str(BIN / "geryon"), *args],
+            env={**self.env, **(env or {})},
+            capture_output=True,
+            text=True,
+            timeout=60,
         )
         out = r.stdout + r.stderr
         if show and out:
@@ -188,7 +198,7 @@ def agent_config(c: Cluster, host: str) -> Path:
             f'id = "{chunk}"',
             f'path = "{chunks / chunk}"',
             'size = "64MiB"',
-            f'command = ["{sys.executable}", "-m", "geryon.chunkserve", "{{path}}", "{{port}}"]',
+            f'users = "{c.home / "users"}"',
             'attrs = { kfs = "1" }',
             'health = { type = "tcp", interval = "1s" }',
         ]
@@ -220,12 +230,48 @@ def wait_for(c: Cluster, check: str, *args: str, timeout: float = 15) -> None:
         time.sleep(0.2)
 
 
-def chunk_size(addr: str) -> str:
-    """What rmnt would mount: dial the chunk server at addr and ask its size."""
-    _, host, port = addr.split("!")
-    with socket.create_connection((host, int(port)), timeout=5) as s:
-        s.sendall(b"size\n")
-        return s.recv(64).decode().strip()
+# The disks' /adm/users: each node's identity, each in the other's group, so
+# either node may write on any disk; the admin identity is in adm.
+USERS = """\
+-1:adm:adm:admin
+0:none::
+10000:admin:admin:
+10001:host0:host0:host1
+10002:host1:host1:host0
+"""
+
+
+def as_node(c: Cluster, host: str) -> dict[str, str]:
+    return {"GERYON_TLS_DIR": str(c.home / "id" / host)}
+
+
+def mounts(c: Cluster) -> None:
+    """rmnt d0.mbox on both nodes: one writes, the other reads it back."""
+    say("rmnt d0.mbox on each node (geryon mount, FUSE): host0 writes a file, host1 reads it")
+    roots = {h: c.home / h / "n" for h in ("host0", "host1")}
+    mounted = []
+    for host, root in roots.items():
+        out = c.run("mount", "--root", str(root), "d0.mbox", env=as_node(c, host))
+        if not (root / "d0.mbox").is_mount():
+            print(f"(no FUSE here: {out.strip()}; the same through geryon disk instead)")
+            break
+        mounted.append(host)
+    if len(mounted) == 2:
+        c.unmount = list(roots.values())  # type: ignore[attr-defined]
+        note = roots["host0"] / "d0.mbox" / "hello"
+        print(f"% echo 'written on host0' > {note}")
+        note.write_text(f"written on host0 at {time.strftime('%H:%M:%S')}\n")
+        for cmd in (["ls", "-l", str(roots["host1"] / "d0.mbox")],
+                    ["cat", str(roots["host1"] / "d0.mbox" / "hello")]):  # fmt: skip
+            print("% " + " ".join(cmd), flush=True)
+            print(subprocess.run(cmd, capture_output=True, text=True).stdout, end="", flush=True)
+    else:
+        note = c.home / "hello"
+        note.write_text("written on host0\n")
+        c.run("disk", "put", str(note), "d0.mbox:/hello", env=as_node(c, "host0"))
+        c.run("disk", "cat", "d0.mbox:/hello", env=as_node(c, "host1"))
+    c.run("disk", "ls", "-l", "d0.mbox")
+    c.run("disk", "df", "d0.mbox", "d1.mbox")
 
 
 def tour(c: Cluster) -> None:
@@ -239,7 +285,11 @@ def tour(c: Cluster) -> None:
             [str(BIN / "geryon"), "watch"], stdout=out, stderr=subprocess.STDOUT, env=c.env
         )
 
-    say("two nodes, host0 and host1: each agent serves two chunks and one cpu listener")
+    say(
+        "two nodes, host0 and host1: each agent serves two chunks, as disks (9P2000 in TLS), "
+        "and one cpu listener"
+    )
+    (c.home / "users").write_text(USERS)
     for host in ("host0", "host1"):
         agent_config(c, host)
         start_agent(c, host)
@@ -261,8 +311,7 @@ def tour(c: Cluster) -> None:
     wait_for(c, "d1.replica", "ls", "-n", "--attr", "managed-by=reconciler")
     c.run("ls", "--attr", "managed-by=reconciler")
     c.run("resolve", "d0.mbox")
-    addr = c.run("resolve", "d0.mbox", show=False).strip()
-    print(f"(rmnt d0.mbox: dial {addr}; the chunk says its size is {chunk_size(addr)} bytes)")
+    mounts(c)
 
     say("the ndb file is edited live: a new disk name appears, then goes")
     with open(ndb, "a") as f:

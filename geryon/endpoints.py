@@ -7,6 +7,8 @@ rather than a connection retried for ever.
 
 from __future__ import annotations
 
+import ipaddress
+
 
 def parse_hostport(text: str) -> tuple[str, int]:
     host, sep, port = text.rpartition(":")
@@ -51,3 +53,13 @@ def registry_address(text: str | list[str]) -> str:
     """One registry's endpoints (its fronts), checked, as one comma-separated
     string: HOST:PORT[,HOST:PORT...] or unix:PATH, or an array of them."""
     return ",".join(parse(text, unix=True))
+
+
+def is_loopback(host: str) -> bool:
+    """Whether HOST names this machine's loopback, where plain text is allowed."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

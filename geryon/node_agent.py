@@ -11,8 +11,12 @@ announced under one lease (geryon.announce). The agent
   (always, on-failure, never); a crash loop is logged with each exit status
   and never takes the agent down;
 - checks health and keeps ``health=passing|critical`` on each entry;
-- creates a chunk's file, sparse, at its size when it is missing, and never
-  truncates one that exists;
+- serves a chunk with no command as a disk (``geryon disk serve``: a 9P2000
+  file system inside the chunk file, formatted when the file is new) and
+  keeps its entry's ``size`` (the disk's capacity) and ``used`` current,
+  checked every USAGE_INTERVAL seconds; for a chunk with a command, creates
+  the file, sparse, at its size when it is missing, and never truncates one
+  that exists;
 - leaves nothing behind: SIGTERM or SIGINT revokes the lease (every entry
   goes in one revision), stops each service's process group (SIGTERM, then
   SIGKILL after stop_grace) and exits 0; after a kill -9 the registry ends
@@ -34,6 +38,7 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import getpass
 import logging
 import os
 import signal
@@ -41,7 +46,7 @@ import sys
 import time
 from pathlib import Path
 
-from geryon import agent_config, errors, procs, tls
+from geryon import agent_config, endpoints, errors, procs, tls
 from geryon.agent_config import AgentConfig, ChunkSpec, ConfigError, ListenerSpec
 from geryon.announce import (
     CALL_TIMEOUT,
@@ -52,12 +57,15 @@ from geryon.announce import (
     substitute,
 )
 from geryon.client import Backoff, Client
+from geryon.disk import fs as disk_fs
 from geryon.health import Checker
 
 log = logging.getLogger("geryon.agent")
 
 # A service that ran this long before exiting starts its restart backoff over.
 STABLE_S = 10.0
+# How often a disk's size and used are read and, when changed, announced.
+USAGE_INTERVAL = 3.0
 # Settings a reload cannot change under running services.
 FIXED_AT_START = ("registry", "tls_dir", "lease_ttl", "host", "advertise", "reconnect_max_delay")
 
@@ -128,16 +136,51 @@ class ChunkUnit(Unit):
     def __init__(self, agent: Agent, spec: ChunkSpec) -> None:
         super().__init__(agent, spec)
         self.child: ChildService | None = None
+        self.usage: dict[str, str] = {}  # a disk's size and used, as last read
 
     def values(self) -> dict[str, str]:
         return {"path": str(self.spec.path), "id": self.spec.id}
+
+    def attrs(self) -> dict[str, str]:
+        return {**self.spec.announced_attrs, **self.usage}
 
     def update(self, spec: ChunkSpec | ListenerSpec) -> None:
         """Only the attributes changed: apply them to the running entry."""
         assert isinstance(spec, ChunkSpec)
         self.spec = spec
         if self.child is not None:
-            self.child.set_attrs(spec.announced_attrs)
+            self.child.set_attrs(self.attrs())
+
+    def disk_command(self) -> tuple[str, ...] | None:
+        """`geryon disk serve` for this chunk; None (logged) when it cannot be
+        served safely: plain 9P is for loopback only, as the registry's text."""
+        tls_dir = self.agent.config.tls_dir
+        host = self.node.probe_host
+        if tls_dir is None and not endpoints.is_loopback(host):
+            log.error(
+                "%s: a disk served on %s needs TLS: set tls_dir (or --tls-dir)", self.who, host
+            )
+            return None
+        argv = [sys.executable, "-m", "geryon.cli", "disk", "serve", "{path}"]
+        argv += ["--listen", f"{'0.0.0.0' if tls_dir else host}:{{port}}"]
+        argv += ["--create", str(self.spec.size), "--owner", self.disk_owner()]
+        if self.spec.users is not None:
+            argv += ["--users", str(self.spec.users)]
+        if tls_dir is not None:
+            argv += ["--tls-dir", str(tls_dir)]
+        return tuple(argv)
+
+    def disk_owner(self) -> str:
+        """A new disk's owner: as configured, else whom 9P callers from this
+        node will be: its TLS identity, or (plain 9P) the local user."""
+        if self.spec.owner:
+            return self.spec.owner
+        if self.agent.config.tls_dir is not None:
+            try:
+                return tls.identity_of_dir(self.agent.config.tls_dir).name
+            except errors.GeryonError:
+                pass  # the agent has already said what is wrong with it
+        return getpass.getuser()
 
     async def run(self) -> None:
         backoff = Backoff(self.spec.restart.delay, self.spec.restart.max_delay)
@@ -146,8 +189,13 @@ class ChunkUnit(Unit):
             spec = self.spec  # update() may have changed its attributes
             began = time.monotonic()
             returncode: int | None = None
+            command = spec.command
             try:
-                if ensure_chunk_file(spec.path, spec.size):
+                if spec.is_disk:
+                    command = self.disk_command() or ()
+                    if not command:
+                        return
+                elif ensure_chunk_file(spec.path, spec.size):
                     log.info("%s: created %s, %d bytes", self.who, spec.path, spec.size)
                 elif (have := spec.path.stat().st_size) != spec.size and not warned:
                     warned = True  # left as it is: a chunk's data is never cut
@@ -159,8 +207,8 @@ class ChunkUnit(Unit):
             else:
                 self.child = ChildService(
                     self.node,
-                    spec.command,
-                    attrs=spec.announced_attrs,
+                    command,
+                    attrs=self.attrs(),
                     port=spec.port,
                     env={
                         **spec.env,
@@ -205,7 +253,25 @@ class ChunkUnit(Unit):
             log.warning("%s: %s health %s (%s)", self.who, child.name, state, why)
             child.set_health(state)
 
-        await checker.run(report)
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(checker.run(report))
+            if self.spec.is_disk:
+                tg.create_task(self._track_usage(child))
+
+    async def _track_usage(self, child: ChildService) -> None:
+        """Keep the entry's size and used true to the disk (read beside the
+        server: SQLite's WAL readers do not block it)."""
+        while True:
+            try:
+                u = await asyncio.to_thread(disk_fs.usage, self.spec.path)
+            except Exception as exc:  # a disk mid-format or damaged: say so, keep going
+                log.debug("%s: cannot read usage: %s", self.who, exc)
+            else:
+                usage = {"size": str(u.capacity), "used": str(u.used)}
+                if usage != self.usage:
+                    self.usage = usage
+                    child.set_attrs(self.attrs())
+            await asyncio.sleep(USAGE_INTERVAL)
 
 
 class ListenerUnit(Unit):
@@ -449,10 +515,19 @@ def describe(config: AgentConfig) -> str:
         f"{len(config.chunks)} chunks, {len(config.listeners)} listeners"
     ]
     for c in config.chunks:
-        state = "exists" if c.path.exists() else "missing: will be created sparse"
+        if c.is_disk:
+            state = (
+                "a disk" if disk_fs.is_disk(c.path)
+                else "missing: will be formatted" if not c.path.exists()
+                else "not a disk: will be formatted if it holds only zeros"
+            )  # fmt: skip
+            run = f"geryon disk serve {c.path} (9P2000{' in TLS' if config.tls_dir else ''})"
+        else:
+            state = "exists" if c.path.exists() else "missing: will be created sparse"
+            run = " ".join(c.command)
         lines += [
             f"chunk {c.id}: {c.path} ({state}), {c.size} bytes",
-            f"  run: {' '.join(c.command)}",
+            f"  run: {run}",
             f"  port: {c.port or 'a free one at each start'}",
             "  attrs: " + " ".join(f"{k}={v}" for k, v in sorted(c.announced_attrs.items())),
             f"  health: {_health_text(c.health)}",

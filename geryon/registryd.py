@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import ipaddress
 import logging
 import os
 import signal
@@ -226,15 +225,6 @@ def split_hostport(text: str, flag: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 async def load_static(store: Store, path: Path) -> int:
     """registry(4)'s -f: entries with service=NAME become persistent services.
 
@@ -294,7 +284,7 @@ async def open_store(args: argparse.Namespace) -> Store:
 
 async def serve(args: argparse.Namespace) -> int:
     host, port = split_hostport(args.listen, "--listen")
-    if args.tls_dir is None and not is_loopback(host) and not args.insecure:
+    if args.tls_dir is None and not endpoints.is_loopback(host) and not args.insecure:
         print(
             f"geryon-registryd: refusing plain text on non-loopback {args.listen}: "
             "give --tls-dir, or --insecure if you mean it",

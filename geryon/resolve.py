@@ -14,6 +14,25 @@ import sys
 
 from geryon import errors
 from geryon.client import Client
+from geryon.model import Service
+
+
+class Unresolved(errors.GeryonError):
+    """A disk name that has no usable address now: unknown, down or addr-less."""
+
+
+async def disk_entry(client: Client, name: str) -> Service:
+    """NAME's entry, checked usable: Unresolved (one line) when it is not."""
+    try:
+        s = await client.get(name)
+    except errors.NotFound:
+        raise Unresolved(f"no disk named {name}") from None
+    addr = s.attrs.get("addr", "")
+    if s.attrs.get("status") == "down" or not addr:
+        where = s.attrs.get("host", "?") + "!" + s.attrs.get("chunk", "?")
+        what = "is down" if s.attrs.get("status") == "down" else "has no addr"
+        raise Unresolved(f"{name} {what} (chunk {where})")
+    return s
 
 
 async def cmd_resolve(args: argparse.Namespace) -> int:
@@ -21,17 +40,11 @@ async def cmd_resolve(args: argparse.Namespace) -> int:
         args.registry, tls_dir=args.tls_dir, user=args.user, retry_for=args.timeout
     ) as c:
         try:
-            s = await c.get(args.name)
-        except errors.NotFound:
-            print(f"geryon: resolve: no disk named {args.name}", file=sys.stderr)
+            s = await disk_entry(c, args.name)
+        except Unresolved as exc:
+            print(f"geryon: resolve: {exc}", file=sys.stderr)
             return 1
-    addr = s.attrs.get("addr", "")
-    if s.attrs.get("status") == "down" or not addr:
-        where = s.attrs.get("host", "?") + "!" + s.attrs.get("chunk", "?")
-        what = "is down" if s.attrs.get("status") == "down" else "has no addr"
-        print(f"geryon: resolve: {args.name} {what} (chunk {where})", file=sys.stderr)
-        return 1
-    print(addr)
+    print(s.attrs["addr"])
     return 0
 
 

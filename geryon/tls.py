@@ -25,6 +25,7 @@ import logging
 import os
 import re
 import secrets
+import ssl
 import threading
 import weakref
 from collections import OrderedDict
@@ -55,11 +56,14 @@ __all__ = [
     "ServerTLS",
     "channel_credentials",
     "identity_from_context",
+    "identity_from_der",
+    "identity_of_dir",
     "init_ca",
     "issue",
     "reload_server_credentials",
     "server_credentials",
     "show",
+    "ssl_context",
     "tls_dir_from",
 ]
 
@@ -323,6 +327,9 @@ def issue(
     alt_names: list[x509.GeneralName] = [uri]
     if role == "server":
         alt_names += _server_sans(sans)
+    # A node serves too: its chunk servers speak 9P in TLS with its identity
+    # (their clients check the CA and the identity, not a host name).
+    if role in ("server", "node"):
         eku = [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
     else:
         eku = [ExtendedKeyUsageOID.CLIENT_AUTH]
@@ -556,6 +563,32 @@ def channel_credentials(tls_dir: Path) -> grpc.ChannelCredentials:
     return grpc.ssl_channel_credentials(
         root_certificates=m.ca, private_key=m.key, certificate_chain=m.cert
     )
+
+
+def ssl_context(tls_dir: Path, *, server: bool) -> ssl.SSLContext:
+    """An ssl context for protocols outside gRPC (9P between chunk servers and
+    their clients): TLS 1.3 both ways, the peer's certificate required and
+    checked against TLS_DIR's CA, our own certificate presented."""
+    tls_dir = Path(tls_dir)
+    _load_material(tls_dir)  # the same one-line errors as gRPC's side
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if server else ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx.load_verify_locations(cafile=str(tls_dir / CA_CERT))
+    ctx.load_cert_chain(str(tls_dir / CERT), str(tls_dir / KEY))
+    return ctx
+
+
+def identity_of_dir(tls_dir: Path) -> Identity:
+    """Who TLS_DIR's certificate says we are."""
+    return _identity_of(_load_certs(_read(Path(tls_dir) / CERT), Path(tls_dir) / CERT)[0])
+
+
+def identity_from_der(der: bytes | None) -> Identity:
+    """The identity of a verified peer certificate (ssl's getpeercert(True))."""
+    if not der:
+        raise errors.Unauthenticated("no client certificate")
+    return _identity_of(x509.load_der_x509_certificate(der))
 
 
 _StatKey = tuple[tuple[int, int, int, int], ...]

@@ -4,6 +4,7 @@ real agents with real services, real signals and a registry that dies."""
 from __future__ import annotations
 
 import asyncio
+import getpass
 import json
 import os
 import signal
@@ -13,16 +14,18 @@ from pathlib import Path
 
 import pytest
 from conftest import BIN, Daemon, Registry, eventually, free_port
-from test_register import alive, dial, identities, talk
+from test_register import alive, dial, identities
 
 from geryon import agent_config, health, procs
 from geryon.agent_config import ConfigError, parse_duration, parse_listen_addr, parse_size
 from geryon.client import Client
+from geryon.disk import client as styx_client
 from geryon.model import Service
 
 PY = sys.executable
 ECHO = [PY, str(Path(__file__).parent / "fixtures" / "echo.py")]
-CHUNKSERVE = [PY, "-m", "geryon.chunkserve", "{path}", "{port}"]
+# A plain TCP server standing in for a chunk server of your own (command = ...).
+CHUNKSERVE = [PY, "-m", "http.server", "--bind", "127.0.0.1", "{port}"]
 # Restarts and reconnects fast, so the tests are quick.
 FAST = {"restart_delay": "50ms", "restart_max_delay": "200ms", "reconnect_max_delay": "300ms"}
 
@@ -47,6 +50,11 @@ def toml(top: dict, chunks: list[dict] = (), listeners: list[dict] = ()) -> str:
 
 def chunk(cid: str, tmp_path: Path, **kw: object) -> dict:
     return {"id": cid, "path": str(tmp_path / cid), "size": "1MiB", "command": CHUNKSERVE, **kw}
+
+
+def disk(cid: str, tmp_path: Path, **kw: object) -> dict:
+    """A chunk without a command: the agent serves it as a 9P disk."""
+    return {"id": cid, "path": str(tmp_path / cid), "size": "1MiB", **kw}
 
 
 def problems(tmp_path: Path, text: str) -> list[str]:
@@ -86,7 +94,7 @@ def test_config_errors_name_file_key_and_problem(tmp_path: Path) -> None:
         f"{f}: colour: unknown key",
         f"{f}: chunk[1].size: bad size '12XB'",
         f"{f}: chunk[1].id: duplicate chunk id 'c0' (also chunk[0].id)",
-        f"{f}: chunk[2].command: missing",
+        f"{f}: chunk[2].size: a disk needs at least 262144 bytes",
         f"{f}: listener[0].addr: bad address 'tcp!*!nope'",
     ]
     for w in want:
@@ -255,7 +263,7 @@ async def test_agent_serves_restarts_and_dies_cleanly(
     shell = ["sh", "-c", f"sleep 1000 & echo $! > {bg}; exec {' '.join(CHUNKSERVE)}"]
     agent = start_agent(
         registry,
-        [chunk("c0", tmp_path, attrs={"kfs": "1"}), chunk("c1", tmp_path, command=shell)],
+        [disk("c0", tmp_path, attrs={"kfs": "1"}), chunk("c1", tmp_path, command=shell)],
         [{"addr": "tcp!*!0", "command": [*ECHO, "stdio"], "attrs": {"svc": "rstyx"}}],
         lease_ttl="30s",  # only the keepalive stream's end explains a fast deletion
     )
@@ -269,11 +277,24 @@ async def test_agent_serves_restarts_and_dies_cleanly(
         assert c0.attrs["kfs"] == "1" and c0.attrs["size"] == str(1 << 20)
         assert c0.attrs["path"] == str(tmp_path / "c0") and c0.attrs["name"] == "host0"
         assert c0.attrs["health"] == "passing" and got["rstyx"].attrs["pid"] == str(agent.pid)
+        assert c0.attrs["proto"] == "9p"
         assert len({s.lease for s in got.values()}) == 1
-        stat = (tmp_path / "c0").stat()
-        assert stat.st_size == 1 << 20 and stat.st_blocks * 512 < stat.st_size  # sparse
-        with dial(c0.name) as conn:
-            assert talk(conn, "size") == str(1 << 20)
+        # c0 is a disk, formatted when new, and its entry says how full it is.
+        r = await styx_client.connect(c0.name, uname=getpass.getuser())
+        try:
+            assert [st.name for st in await r.listdir("/")] == ["adm"]
+            await r.write_file("/big", os.urandom(300_000))
+        finally:
+            await r.conn.close()
+
+        async def used_grew() -> bool:
+            s = (await entries(c, host="host0"))["c0"]
+            return int(s.attrs.get("used", "0")) > 300_000
+
+        await eventually(used_grew, timeout=15)
+        # c1 has a command: its file is made sparse at its size for it.
+        stat = (tmp_path / "c1").stat()
+        assert stat.st_size == 1 << 20 and stat.st_blocks * 512 < stat.st_size
         with dial(got["rstyx"].name) as conn:
             assert conn.makefile().readline().startswith("hello ")
 

@@ -1,10 +1,13 @@
 """make bench still runs: the quick benchmark without etcd (so no apt) exits 0
 and prints every row of its table: Geryon's figures on SQLite, and the rows of
-Geryon's etcd store, not run, as "-". No timing is asserted."""
+Geryon's etcd store, not run, as "-"; and the quick disk benchmark (where FUSE
+is) gives every column a figure and leaves nothing mounted. No timing is
+asserted."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -78,3 +81,52 @@ def test_quick_bench_without_etcd_prints_the_table() -> None:
         assert (cells[1] != "-") == (row in ROWS), match[0]
         assert cells[2] == "-" and cells[3] == "-", match[0]
     assert "etcd not run" in r.stdout
+
+
+DISK_ROWS = [
+    "sequential write 4 MiB (1 MiB writes, fsync, close)",
+    "sequential read 4 MiB (1 MiB reads), nothing dropped",
+    "sequential read 4 MiB, its cached pages dropped first",
+    "create + write 1 KiB + close, 50 files",
+    "ls -l of a 50-file directory",
+]
+
+
+def _fuse_missing() -> str | None:
+    try:
+        import pyfuse3  # noqa: F401
+    except ImportError:
+        return "pyfuse3 is not installed"
+    if not os.path.exists("/dev/fuse"):
+        return "no /dev/fuse"
+    if shutil.which("fusermount3") is None:
+        return "no fusermount3"
+    return None
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.skipif(_fuse_missing() is not None, reason=f"FUSE: {_fuse_missing()}")
+def test_quick_disk_bench_prints_every_column() -> None:
+    """bench.disk --quick: the geryon mount, the passthrough and the local
+    disk each give a figure for every row, and nothing stays mounted."""
+    r = subprocess.run(
+        [sys.executable, "-m", "bench.disk", "--quick"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        env={**os.environ, "BENCH_QUICK": ""},
+        timeout=150,
+    )
+    assert r.returncode == 0, f"exit {r.returncode}\n{r.stdout}\n{r.stderr[-4000:]}"
+    lines = r.stdout.splitlines()
+    assert lines[0].split() == [
+        "operation", "unit", "local", "passthrough", "geryon", "g/passthrough", "g/local",
+    ]  # fmt: skip
+    for row in DISK_ROWS:
+        match = [line for line in lines if line.startswith(row + "  ")]
+        assert match, f"no row {row!r} in:\n{r.stdout}"
+        cells = match[0][len(row) :].split()
+        assert len(cells) == 6 and "-" not in cells, match[0]
+    with open("/proc/self/mounts") as f:
+        assert "geryon-bench-disk-" not in f.read()

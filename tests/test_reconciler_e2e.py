@@ -6,10 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
-import socket
+import getpass
 import subprocess
-import sys
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -28,6 +26,7 @@ from conftest import (
 
 from geryon import errors, tls
 from geryon.client import Client, Lease, WatchMessage
+from geryon.disk import client as styx_client
 from geryon.model import Service
 
 M0 = "tcp!127.0.0.1!6701"  # d0.mbox's master, host0!chunk0
@@ -314,15 +313,15 @@ async def test_inside_registryd_with_tls(
 
 
 def start_agent(daemons: list[Daemon], tmp_path: Path, registry: Registry, host: str) -> Daemon:
-    """A real geryon-agent serving one chunk, chunk0, with geryon.chunkserve."""
+    """A real geryon-agent serving one chunk, chunk0, as a disk (geryon disk serve)."""
     config = tmp_path / f"{host}.toml"
-    command = [sys.executable, "-m", "geryon.chunkserve", "{path}", "{port}"]
     config.write_text(
         f'registry = "{registry.address}"\nhost = "{host}"\nadvertise = "127.0.0.1"\n'
         'restart_delay = "50ms"\nrestart_max_delay = "200ms"\nreconnect_max_delay = "300ms"\n'
-        f'\n[[chunk]]\nid = "chunk0"\npath = "{tmp_path / host / "chunk0"}"\nsize = "64KiB"\n'
-        f'command = {json.dumps(command)}\nattrs = {{ kfs = "1" }}\n'
+        f'\n[[chunk]]\nid = "chunk0"\npath = "{tmp_path / host / "chunk0"}"\nsize = "1MiB"\n'
+        'attrs = { kfs = "1" }\n'
     )
+    (tmp_path / host).mkdir(exist_ok=True)
     d = Daemon(
         [str(BIN / "geryon-agent"), "--config", str(config)],
         tmp_path / f"agent-{host}.log",
@@ -333,12 +332,13 @@ def start_agent(daemons: list[Daemon], tmp_path: Path, registry: Registry, host:
     return d.start()
 
 
-def ask_size(addr: str) -> str:
-    """What rmnt would do with the address: dial it and talk to the chunk."""
-    _, host, port = addr.split("!")
-    with socket.create_connection((host, int(port)), timeout=5) as s:
-        s.sendall(b"size\n")
-        return s.makefile().readline().strip()
+async def disk_root(addr: str) -> list[str]:
+    """What rmnt would find at the address: a 9P disk, and its root's names."""
+    r = await styx_client.connect(addr, uname=getpass.getuser())
+    try:
+        return [st.name for st in await r.listdir("/")]
+    finally:
+        await r.conn.close()
 
 
 async def test_with_real_agents_failover_and_failback(
@@ -353,14 +353,14 @@ async def test_with_real_agents_failover_and_failback(
         d0 = await eventually(has(c, "d0.mbox", status="up", serving="master"))
         r = await resolve(registry, "d0.mbox")
         assert r.returncode == 0 and r.stdout.strip() == d0["addr"]  # type: ignore[index]
-        assert ask_size(r.stdout.strip()) == str(64 << 10)
+        assert await disk_root(r.stdout.strip()) == ["adm"]
 
         # The master's node dies (kill -9): its lease ends with it, the
         # replica's chunk serves d0.mbox.
         host0.kill9()
         replica = await eventually(has(c, "d0.mbox", serving="replica", host="host1"))
         assert replica["addr"] == (await c.get("d0.replica")).attrs["addr"]  # type: ignore[index]
-        assert ask_size((await resolve(registry, "d0.mbox")).stdout.strip()) == str(64 << 10)
+        assert await disk_root((await resolve(registry, "d0.mbox")).stdout.strip()) == ["adm"]
 
         # It comes back, on a new port: failback.
         host0.start()

@@ -162,7 +162,8 @@ def test_issue_node(pki: dict[str, Path]) -> None:
     assert san.get_values_for_type(x509.UniformResourceIdentifier) == ["geryon://node/node-1"]
     assert san.get_values_for_type(x509.DNSName) == []
     eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
-    assert list(eku) == [ExtendedKeyUsageOID.CLIENT_AUTH]
+    # A node serves its disks in TLS with this identity too.
+    assert list(eku) == [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
     assert cert.issuer == load_cert(pki["ca"] / "ca.crt").subject
 
 

@@ -1,0 +1,508 @@
+"""`geryon disk ...`: make, serve and use disks (the seed's kfs, without FUSE).
+
+    geryon disk format CHUNK [--size 64MiB] [--owner NAME] [--users FILE] [--force]
+    geryon disk serve CHUNK --listen ADDR [--tls-dir DIR] [--read-only] [--create SIZE]
+    geryon disk users CHUNK|NAME [--set FILE]
+    geryon disk check CHUNK
+    geryon disk ls [-l] NAME[:/PATH]      geryon disk stat NAME:/PATH
+    geryon disk cat NAME:/PATH...         geryon disk get NAME:/PATH [LOCAL]
+    geryon disk put LOCAL NAME:/PATH      geryon disk rm NAME:/PATH...
+    geryon disk mkdir NAME:/PATH...       geryon disk df NAME...
+
+A NAME is a disk name the registry resolves (as `geryon resolve` does), or a
+chunk server's address itself (tcp!HOST!PORT or HOST:PORT). Command lines
+only; the work is in geryon.disk.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import getpass
+import os
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from geryon import agent_config, endpoints, errors, tls
+from geryon.client import Client
+from geryon.disk import client as styx_client
+from geryon.disk import fs, server, styx
+from geryon.disk import users as users_mod
+from geryon.resolve import Unresolved, disk_entry
+
+
+class Failed(Exception):
+    """One line for stderr, exit status 1."""
+
+
+def _size(text: str) -> int:
+    try:
+        return agent_config.parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _listen(text: str) -> tuple[str, int]:
+    """HOST:PORT to listen on; port 0 picks a free one (the ready line says which)."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise argparse.ArgumentTypeError(f"bad address {text!r} (want HOST:PORT)")
+    return host.strip("[]"), int(port)
+
+
+def split_target(text: str) -> tuple[str, str]:
+    """NAME:/PATH -> (NAME, /PATH); a bare NAME (or HOST:PORT) is its root."""
+    if ":/" in text:
+        name, _, path = text.partition(":/")
+        return name, "/" + path
+    if _is_addr(text):
+        return text, "/"
+    name, _, path = text.partition(":")
+    return name, "/" + path
+
+
+def _is_addr(name: str) -> bool:
+    if "!" in name:
+        return True
+    host, sep, port = name.rpartition(":")
+    return bool(sep and host and port.isdigit())
+
+
+async def _addr_of(args: argparse.Namespace, name: str) -> tuple[str, dict[str, str]]:
+    """The chunk address NAME resolves to, and the chunk entry's attributes
+    (size, used) when the registry has them."""
+    async with Client(
+        args.registry, tls_dir=args.tls_dir, user=args.user, retry_for=args.timeout
+    ) as c:
+        if _is_addr(name):
+            addr = name if "!" in name else "tcp!{}!{}".format(*name.rsplit(":", 1))
+        else:
+            try:
+                addr = (await disk_entry(c, name)).attrs["addr"]
+            except Unresolved as exc:
+                raise Failed(str(exc)) from None
+        try:
+            attrs = dict((await c.get(addr)).attrs)
+        except errors.GeryonError:
+            attrs = {}
+        return addr, attrs
+
+
+@asynccontextmanager
+async def _remote(args: argparse.Namespace, name: str) -> AsyncIterator[styx_client.Remote]:
+    addr, _ = await _addr_of(args, name) if not _is_addr(name) else (name, {})
+    if ":" in addr and "!" not in addr:
+        addr = "tcp!{}!{}".format(*addr.rsplit(":", 1))
+    try:
+        r = await styx_client.connect(
+            addr,
+            uname=args.uname or getpass.getuser(),
+            tls_dir=tls.tls_dir_from(args.tls_dir),
+            limit=args.timeout,
+        )
+    except styx_client.Gone as exc:
+        raise Failed(f"disk {name}: {exc}") from None
+    except styx_client.StyxError as exc:
+        raise Failed(f"disk {name}: attach: {exc}") from None
+    try:
+        yield r
+    finally:
+        await r.conn.close()
+
+
+def _fail(target: str, exc: BaseException) -> Failed:
+    return Failed(f"{target}: {exc}")
+
+
+# ---- local commands --------------------------------------------------------
+
+
+async def cmd_format(args: argparse.Namespace) -> int:
+    chunk = Path(args.chunk)
+    size = args.size
+    if size is None:
+        have = chunk.stat().st_size if chunk.exists() else 0
+        if not have:
+            raise Failed(f"{chunk}: no size: give --size (e.g. --size 64MiB)")
+        size = have
+    text = None
+    if args.users:
+        try:
+            text = Path(args.users).read_text()
+        except OSError as exc:
+            raise Failed(f"{args.users}: {exc.strerror}") from None
+    owner = args.owner or getpass.getuser()
+    try:
+        await asyncio.to_thread(
+            fs.format, chunk, size, owner=owner, users_text=text, force=args.force
+        )
+    except users_mod.UsersError as exc:
+        raise Failed(f"{args.users or 'users'}: {exc}") from None
+    except (ValueError, FileExistsError, fs.NotADisk) as exc:
+        raise Failed(str(exc)) from None
+    except OSError as exc:
+        raise Failed(f"{chunk}: {exc.strerror}") from None
+    print(f"{chunk}: empty disk of {size} bytes, owner {owner}")
+    return 0
+
+
+def _local_disk(chunk: str, *, lock: bool) -> fs.Disk:
+    """CHUNK's disk opened here. Unless LOCK (a change: the disk must not be
+    served) a served disk is read beside its server; one that is not is
+    opened read-write, so that closing it folds SQLite's log back in."""
+    try:
+        try:
+            return fs.Disk(Path(chunk))
+        except fs.NotADisk as exc:
+            if lock or "in use" not in str(exc):
+                raise
+            return fs.Disk(Path(chunk), lock=False, read_only=True)
+    except fs.NotADisk as exc:
+        raise Failed(str(exc)) from None
+
+
+async def cmd_users(args: argparse.Namespace) -> int:
+    if Path(args.target).exists():
+        if args.set is None:
+            d = _local_disk(args.target, lock=False)
+            try:
+                sys.stdout.write(d.users_text())
+            finally:
+                d.close()
+            return 0
+        # Offline, as the chunk file's own Unix owner: the server holds the
+        # chunk's lock while it runs, so a served disk is changed over 9P.
+        d = _local_disk(args.target, lock=True)
+        try:
+            text = Path(args.set).read_text()
+            if not users_mod.parse(text).exists(d.owner):
+                raise Failed(f"{args.set}: does not name the disk's owner {d.owner}")
+            e = d.walk1(d.walk1(d.entry(fs.ROOT), "adm", fs.Caller(d.owner)), "users",
+                        fs.Caller(d.owner))  # fmt: skip
+            d.opened(e, styx.OWRITE | styx.OTRUNC, fs.Caller(d.owner))
+            d.write(e, 0, text.encode(), fs.Caller(d.owner))
+            d.sync()
+        except users_mod.UsersError as exc:
+            raise Failed(f"{args.set}: {exc}") from None
+        except OSError as exc:
+            raise Failed(f"{args.set}: {exc.strerror}") from None
+        except fs.FSError as exc:
+            raise Failed(f"{args.target}: {exc}") from None
+        finally:
+            d.close()
+        return 0
+    name, _ = split_target(args.target)
+    async with _remote(args, name) as r:
+        try:
+            if args.set is None:
+                sys.stdout.write((await r.read_file("/adm/users")).decode(errors="replace"))
+            else:
+                text = Path(args.set).read_text()
+                users_mod.parse(text)
+                await r.write_file("/adm/users", text.encode())
+        except users_mod.UsersError as exc:
+            raise Failed(f"{args.set}: {exc}") from None
+        except styx_client.StyxError as exc:
+            raise Failed(f"{name}:/adm/users: {exc}") from None
+    return 0
+
+
+async def cmd_check(args: argparse.Namespace) -> int:
+    d = _local_disk(args.chunk, lock=False)
+    try:
+        problems = await asyncio.to_thread(d.check)
+        u = d.usage()
+    finally:
+        d.close()
+    for p in problems:
+        print(f"{args.chunk}: {p}")
+    if problems:
+        return 1
+    print(f"{args.chunk}: ok, {u.files} files, {u.used} of {u.capacity} bytes used")
+    return 0
+
+
+async def cmd_serve(args: argparse.Namespace) -> int:
+    chunk = Path(args.chunk)
+    host, port = args.listen
+    tls_dir = tls.tls_dir_from(args.tls_dir)
+    if tls_dir is None and not endpoints.is_loopback(host) and not args.insecure:
+        raise Failed(
+            f"disk serve: refusing plain 9P on non-loopback {host}: "
+            "give --tls-dir, or --insecure if you mean it"
+        )
+    if args.create is not None and not fs.is_disk(chunk):
+        try:
+            exists = chunk.exists() and chunk.stat().st_size > 0
+            if exists and await asyncio.to_thread(fs.holds_data, chunk):
+                raise Failed(f"{chunk}: holds data that is not a disk; not formatting it")
+            owner = args.owner or getpass.getuser()
+            text = Path(args.users).read_text() if args.users else None
+            await asyncio.to_thread(
+                fs.format, chunk, args.create, owner=owner, users_text=text, force=True
+            )
+        except (ValueError, OSError, fs.NotADisk) as exc:
+            raise Failed(f"{chunk}: cannot format: {exc}") from None
+        # UsersError is a ValueError: named above with the line at fault.
+        print(f"disk: formatted {chunk}, {args.create} bytes", file=sys.stderr, flush=True)
+
+    def ready(bound: int) -> None:
+        how = "9P2000 in TLS" if tls_dir else "9P2000"
+        mode = ", read-only" if args.read_only else ""
+        print(f"disk: serving {chunk} on {host}:{bound} ({how}{mode})", file=sys.stderr, flush=True)
+
+    try:
+        await server.serve(
+            chunk, host, port, tls_dir=tls_dir, read_only=args.read_only, ready=ready
+        )
+    except fs.NotADisk as exc:
+        raise Failed(str(exc)) from None
+    except errors.GeryonError as exc:
+        raise Failed(f"disk serve: {exc}") from None
+    except OSError as exc:
+        raise Failed(f"disk serve: {args.listen[0]}:{args.listen[1]}: {exc.strerror}") from None
+    return 0
+
+
+# ---- file commands over 9P --------------------------------------------------
+
+
+def _ls_line(st: styx.Stat) -> str:
+    when = dt.datetime.fromtimestamp(st.mtime).strftime("%b %e %H:%M")
+    return (
+        f"{styx.mode_string(st.mode)} {st.uid:<8} {st.gid:<8} {st.length:>10} {when} {st.name}"
+    )
+
+
+async def cmd_ls(args: argparse.Namespace) -> int:
+    name, path = split_target(args.target)
+    async with _remote(args, name) as r:
+        try:
+            st = await r.stat(path)
+            stats = await r.listdir(path) if st.mode & styx.DMDIR else [st]
+        except styx_client.StyxError as exc:
+            raise _fail(args.target, exc) from None
+    for s in sorted(stats, key=lambda s: s.name):
+        print(_ls_line(s) if args.long else s.name + ("/" if s.mode & styx.DMDIR else ""))
+    return 0
+
+
+async def cmd_stat(args: argparse.Namespace) -> int:
+    name, path = split_target(args.target)
+    async with _remote(args, name) as r:
+        try:
+            st = await r.stat(path)
+        except styx_client.StyxError as exc:
+            raise _fail(args.target, exc) from None
+    q = st.qid
+    print(_ls_line(st))
+    print(f"qid path {q.path} vers {q.vers} type {q.type:#x}  muid {st.muid}  atime {st.atime}")
+    return 0
+
+
+async def cmd_cat(args: argparse.Namespace) -> int:
+    out = sys.stdout.buffer
+    for target in args.targets:
+        name, path = split_target(target)
+        async with _remote(args, name) as r:
+            try:
+                async for piece in r.chunks(path):
+                    out.write(piece)
+            except styx_client.StyxError as exc:
+                raise _fail(target, exc) from None
+    out.flush()
+    return 0
+
+
+async def cmd_get(args: argparse.Namespace) -> int:
+    name, path = split_target(args.target)
+    local = Path(args.local or Path(path).name or "out")
+    tmp = local.with_name(f".{local.name}.part")
+    async with _remote(args, name) as r:
+        try:
+            with open(tmp, "wb") as f:
+                async for piece in r.chunks(path):
+                    f.write(piece)
+            os.replace(tmp, local)
+        except styx_client.StyxError as exc:
+            tmp.unlink(missing_ok=True)
+            raise _fail(args.target, exc) from None
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise Failed(f"{local}: {exc.strerror}") from None
+    return 0
+
+
+async def cmd_put(args: argparse.Namespace) -> int:
+    name, path = split_target(args.target)
+    try:
+        data = sys.stdin.buffer.read() if args.local == "-" else Path(args.local).read_bytes()
+    except OSError as exc:
+        raise Failed(f"{args.local}: {exc.strerror}") from None
+    async with _remote(args, name) as r:
+        try:
+            if path.endswith("/") or (await _is_dir(r, path)):
+                path = path.rstrip("/") + "/" + Path(args.local).name
+            await r.write_file(path, data)
+        except styx_client.StyxError as exc:
+            raise _fail(f"{name}:{path}", exc) from None
+    return 0
+
+
+async def _is_dir(r: styx_client.Remote, path: str) -> bool:
+    try:
+        return bool((await r.stat(path)).mode & styx.DMDIR)
+    except styx_client.StyxError:
+        return False
+
+
+async def cmd_rm(args: argparse.Namespace) -> int:
+    failed = 0
+    for target in args.targets:
+        name, path = split_target(target)
+        async with _remote(args, name) as r:
+            try:
+                await r.remove(path)
+            except styx_client.StyxError as exc:
+                print(f"geryon: disk rm: {target}: {exc}", file=sys.stderr)
+                failed += 1
+    return 1 if failed else 0
+
+
+async def cmd_mkdir(args: argparse.Namespace) -> int:
+    for target in args.targets:
+        name, path = split_target(target)
+        async with _remote(args, name) as r:
+            try:
+                await r.mkdir(path, int(args.mode, 8))
+            except styx_client.StyxError as exc:
+                raise _fail(target, exc) from None
+    return 0
+
+
+def _human(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
+        n /= 1024  # type: ignore[assignment]
+    return str(n)
+
+
+async def cmd_df(args: argparse.Namespace) -> int:
+    print(f"{'disk':<16} {'size':>10} {'used':>10} {'avail':>10} {'use%':>5}  chunk")
+    bad = 0
+    for name in args.names:
+        try:
+            addr, attrs = await _addr_of(args, name)
+        except Failed as exc:
+            print(f"geryon: disk df: {exc}", file=sys.stderr)
+            bad += 1
+            continue
+        size, used = int(attrs.get("size", "0") or 0), int(attrs.get("used", "0") or 0)
+        pct = f"{100 * used // size}%" if size else "-"
+        print(
+            f"{name:<16} {_human(size):>10} {_human(used):>10} {_human(max(size - used, 0)):>10} "
+            f"{pct:>5}  {addr}"
+        )
+    return 1 if bad else 0
+
+
+async def run(args: argparse.Namespace) -> int:
+    try:
+        return await args.disk_run(args)
+    except Failed as exc:
+        print(f"geryon: disk {args.disk_command}: {exc}", file=sys.stderr)
+        return 1
+
+
+def add_disk_commands(sub: argparse._SubParsersAction) -> None:
+    d = sub.add_parser(
+        "disk",
+        help="make, serve and use disks (9P2000 file systems in chunk files)",
+        description="A disk is a file system inside one chunk file (Inferno's kfs), served "
+        "over 9P2000. NAME is a disk name from the registry (as `geryon resolve` takes) or "
+        "a chunk server's tcp!HOST!PORT; NAME:/PATH names a file on it.",
+    )
+    ds = d.add_subparsers(dest="disk_command", metavar="DISK_COMMAND")
+    ds.required = True
+
+    def cmd(name: str, fn: object, help: str, **kw: object) -> argparse.ArgumentParser:
+        p = ds.add_parser(name, help=help, **kw)  # type: ignore[arg-type]
+        p.set_defaults(run=run, disk_run=fn)
+        return p
+
+    def uname(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--uname",
+            default=None,
+            help="9P user name to attach as over plain 9P (default: your login name); "
+            "over TLS the certificate's identity is used",
+        )
+
+    f = cmd("format", cmd_format, "make CHUNK an empty disk (kfs -r)")
+    f.add_argument("chunk", metavar="CHUNK")
+    f.add_argument("--size", type=_size, help="capacity, e.g. 64MiB (default: CHUNK's size)")
+    f.add_argument("--owner", help="owner of the root and of /adm/users (default: you)")
+    f.add_argument("--users", metavar="FILE", help="users file to copy in (id:name:leader:members)")
+    f.add_argument("--force", action="store_true", help="wipe a chunk that holds data")
+
+    s = cmd(
+        "serve",
+        cmd_serve,
+        "serve CHUNK's disk over 9P2000",
+        description="Serve CHUNK's disk over 9P2000 until SIGTERM or SIGINT; in TLS with "
+        "--tls-dir (callers are their certificates' identities), plain 9P only on loopback "
+        "or with --insecure (callers are their attach names).",
+    )
+    s.add_argument("chunk", metavar="CHUNK")
+    s.add_argument("--listen", type=_listen, required=True, metavar="HOST:PORT")
+    s.add_argument("--tls-dir", default=argparse.SUPPRESS, help="identity to serve with")
+    s.add_argument("--read-only", action="store_true", help="refuse every change")
+    s.add_argument("--insecure", action="store_true", help="allow plain 9P off loopback")
+    s.add_argument(
+        "--create",
+        type=_size,
+        metavar="SIZE",
+        help="format CHUNK first, SIZE bytes, when it holds no disk yet (missing or zeros)",
+    )
+    s.add_argument("--owner", help="with --create: the new disk's owner (default: you)")
+    s.add_argument("--users", metavar="FILE", help="with --create: the new disk's users file")
+
+    u = cmd("users", cmd_users, "show or replace a disk's /adm/users")
+    u.add_argument("target", metavar="CHUNK|NAME")
+    u.add_argument("--set", metavar="FILE", help="replace it (the disk's owner or adm only)")
+    uname(u)
+
+    c = cmd("check", cmd_check, "check CHUNK's disk for damage (fsck)")
+    c.add_argument("chunk", metavar="CHUNK")
+
+    ls = cmd("ls", cmd_ls, "list a directory")
+    ls.add_argument("target", metavar="NAME[:/PATH]")
+    ls.add_argument("-l", dest="long", action="store_true", help="long listing")
+    uname(ls)
+    st = cmd("stat", cmd_stat, "show a file's directory entry")
+    st.add_argument("target", metavar="NAME:/PATH")
+    uname(st)
+    ca = cmd("cat", cmd_cat, "print files")
+    ca.add_argument("targets", nargs="+", metavar="NAME:/PATH")
+    uname(ca)
+    g = cmd("get", cmd_get, "copy a file from a disk")
+    g.add_argument("target", metavar="NAME:/PATH")
+    g.add_argument("local", nargs="?", metavar="LOCAL")
+    uname(g)
+    p = cmd("put", cmd_put, "copy a file onto a disk (LOCAL - reads stdin)")
+    p.add_argument("local", metavar="LOCAL")
+    p.add_argument("target", metavar="NAME:/PATH")
+    uname(p)
+    r = cmd("rm", cmd_rm, "remove files or empty directories")
+    r.add_argument("targets", nargs="+", metavar="NAME:/PATH")
+    uname(r)
+    m = cmd("mkdir", cmd_mkdir, "make directories")
+    m.add_argument("targets", nargs="+", metavar="NAME:/PATH")
+    m.add_argument("--mode", default="775", help="permission bits, octal (default 775)")
+    uname(m)
+    df = cmd("df", cmd_df, "size and use of disks (from their chunks' registry entries)")
+    df.add_argument("names", nargs="+", metavar="NAME")

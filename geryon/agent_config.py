@@ -513,9 +513,12 @@ def parse(data: Mapping[str, Any], path: Path) -> AgentConfig:
                 t.problem("users", f"{users}: no such file")
             else:
                 try:
-                    users_mod.parse(users.read_text())
+                    table = users_mod.parse(users.read_text())
                 except (OSError, UnicodeDecodeError, users_mod.UsersError) as exc:
                     t.problem("users", f"{users}: {exc}")
+                else:
+                    if owner and not table.exists(owner):
+                        t.problem("users", f"{users} does not name the owner {owner}")
         if not command and "command" not in raw and size is not None and size < MIN_CAPACITY:
             t.problem("size", f"a disk needs at least {MIN_CAPACITY} bytes (256KiB)")
         if command and (owner or users):

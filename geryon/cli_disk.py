@@ -45,11 +45,22 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _mode(text: str) -> int:
+    try:
+        mode = int(text, 8)
+    except ValueError:
+        mode = -1
+    if not 0 <= mode <= 0o777:
+        raise argparse.ArgumentTypeError(f"bad mode {text!r} (want octal permission bits)")
+    return mode
+
+
 def _listen(text: str) -> tuple[str, int]:
-    """HOST:PORT to listen on; port 0 picks a free one (the ready line says which)."""
+    """HOST:PORT to listen on (HOST * for every address, IPv4 and IPv6); port 0
+    picks a free one (the ready line says which)."""
     host, sep, port = text.rpartition(":")
     if not sep or not host or not port.isdigit() or int(port) > 65535:
-        raise argparse.ArgumentTypeError(f"bad address {text!r} (want HOST:PORT)")
+        raise argparse.ArgumentTypeError(f"bad address {text!r} (want HOST:PORT or *:PORT)")
     return host.strip("[]"), int(port)
 
 
@@ -96,6 +107,10 @@ async def _remote(args: argparse.Namespace, name: str) -> AsyncIterator[styx_cli
     addr, _ = await _addr_of(args, name) if not _is_addr(name) else (name, {})
     if ":" in addr and "!" not in addr:
         addr = "tcp!{}!{}".format(*addr.rsplit(":", 1))
+    try:
+        styx_client.parse_addr(addr)
+    except ValueError as exc:
+        raise Failed(str(exc)) from None
     try:
         r = await styx_client.connect(
             addr,
@@ -205,6 +220,8 @@ async def cmd_users(args: argparse.Namespace) -> int:
                 await r.write_file("/adm/users", text.encode())
         except users_mod.UsersError as exc:
             raise Failed(f"{args.set}: {exc}") from None
+        except OSError as exc:
+            raise Failed(f"{args.set}: {exc.strerror}") from None
         except styx_client.StyxError as exc:
             raise Failed(f"{name}:/adm/users: {exc}") from None
     return 0
@@ -231,7 +248,7 @@ async def cmd_serve(args: argparse.Namespace) -> int:
     tls_dir = tls.tls_dir_from(args.tls_dir)
     if tls_dir is None and not endpoints.is_loopback(host) and not args.insecure:
         raise Failed(
-            f"disk serve: refusing plain 9P on non-loopback {host}: "
+            f"refusing plain 9P on non-loopback {host}: "
             "give --tls-dir, or --insecure if you mean it"
         )
     if args.create is not None and not fs.is_disk(chunk):
@@ -261,9 +278,9 @@ async def cmd_serve(args: argparse.Namespace) -> int:
     except fs.NotADisk as exc:
         raise Failed(str(exc)) from None
     except errors.GeryonError as exc:
-        raise Failed(f"disk serve: {exc}") from None
+        raise Failed(str(exc)) from None
     except OSError as exc:
-        raise Failed(f"disk serve: {args.listen[0]}:{args.listen[1]}: {exc.strerror}") from None
+        raise Failed(f"{args.listen[0]}:{args.listen[1]}: {exc.strerror}") from None
     return 0
 
 
@@ -377,7 +394,7 @@ async def cmd_mkdir(args: argparse.Namespace) -> int:
         name, path = split_target(target)
         async with _remote(args, name) as r:
             try:
-                await r.mkdir(path, int(args.mode, 8))
+                await r.mkdir(path, args.mode)
             except styx_client.StyxError as exc:
                 raise _fail(target, exc) from None
     return 0
@@ -502,7 +519,9 @@ def add_disk_commands(sub: argparse._SubParsersAction) -> None:
     uname(r)
     m = cmd("mkdir", cmd_mkdir, "make directories")
     m.add_argument("targets", nargs="+", metavar="NAME:/PATH")
-    m.add_argument("--mode", default="775", help="permission bits, octal (default 775)")
+    m.add_argument(
+        "--mode", type=_mode, default=0o775, help="permission bits, octal (default 775)"
+    )
     uname(m)
     df = cmd("df", cmd_df, "size and use of disks (from their chunks' registry entries)")
     df.add_argument("names", nargs="+", metavar="NAME")

@@ -155,14 +155,17 @@ class ChunkUnit(Unit):
         """`geryon disk serve` for this chunk; None (logged) when it cannot be
         served safely: plain 9P is for loopback only, as the registry's text."""
         tls_dir = self.agent.config.tls_dir
-        host = self.node.probe_host
-        if tls_dir is None and not endpoints.is_loopback(host):
+        # Others dial the advertised address: plain 9P only when that is loopback.
+        advertise = self.node.advertise
+        if tls_dir is None and not endpoints.is_loopback(advertise):
             log.error(
-                "%s: a disk served on %s needs TLS: set tls_dir (or --tls-dir)", self.who, host
+                "%s: a disk dialled at %s needs TLS: set tls_dir (or --tls-dir)",
+                self.who,
+                advertise,
             )
             return None
         argv = [sys.executable, "-m", "geryon.cli", "disk", "serve", "{path}"]
-        argv += ["--listen", f"{'0.0.0.0' if tls_dir else host}:{{port}}"]
+        argv += ["--listen", f"{'*' if tls_dir else advertise}:{{port}}"]
         argv += ["--create", str(self.spec.size), "--owner", self.disk_owner()]
         if self.spec.users is not None:
             argv += ["--users", str(self.spec.users)]

@@ -567,7 +567,7 @@ def channel_credentials(tls_dir: Path) -> grpc.ChannelCredentials:
 
 def ssl_context(tls_dir: Path, *, server: bool) -> ssl.SSLContext:
     """An ssl context for protocols outside gRPC (9P between chunk servers and
-    their clients): TLS 1.3 both ways, the peer's certificate required and
+    their clients): TLS 1.2 or later both ways, the peer's certificate required and
     checked against TLS_DIR's CA, our own certificate presented."""
     tls_dir = Path(tls_dir)
     _load_material(tls_dir)  # the same one-line errors as gRPC's side

@@ -107,6 +107,8 @@ def test_file_commands_through_a_real_server(tmp_path: Path, serve: Serve) -> No
         assert got.returncode == 0 and got.stdout == local.read_bytes()
         r = disk("get", f"{a}:/docs/report.txt", str(tmp_path / "back"))
         assert r.returncode == 0 and (tmp_path / "back").read_bytes() == local.read_bytes()
+        r = disk("cat", f"{a}:/docs")
+        assert r.returncode == 1 and r.stderr.endswith(":/docs: file is a directory\n")
         r = disk("put", "-", f"{a}:/note", input="hello\n")
         assert r.returncode == 0 and disk("cat", f"{a}:/note").stdout == "hello\n"
         r = disk("stat", f"{a}:/note")
@@ -127,6 +129,17 @@ def test_file_commands_through_a_real_server(tmp_path: Path, serve: Serve) -> No
             "disk", "serve", str(chunk), "--listen", "0.0.0.0:0", env={"GERYON_TLS_DIR": ""}
         )
         assert r.returncode == 1 and "refusing plain 9P on non-loopback" in r.stderr
+        # Bad input is one line, never a traceback.
+        for argv in (
+            ["mkdir", "--mode", "999", f"{a}:/x"],
+            ["ls", "tcp!127.0.0.1"],
+            ["users", a, "--set", str(tmp_path / "missing")],
+            ["format", str(tmp_path / "no" / "such" / "dir"), "--size", "1MiB"],
+        ):
+            r = disk(*argv)
+            assert r.returncode in (1, 2), (argv, r.stderr)
+            last = r.stderr.splitlines()[-1]
+            assert "Traceback" not in r.stderr and last.startswith("geryon"), r.stderr
     finally:
         assert d.stop() == 0
     assert disk("check", str(chunk)).returncode == 0

@@ -7,6 +7,8 @@ from __future__ import annotations
 import os
 import random
 import sqlite3
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -109,6 +111,35 @@ def test_format_refuses_an_existing_disk(chunk: Path) -> None:
         assert d.child(fs.ROOT, "precious") is None
     finally:
         d.close()
+
+
+def test_force_format_leaves_no_old_log_behind(chunk: Path) -> None:
+    """A server killed with -9 leaves CHUNK-wal: formatting over it must not
+    let SQLite replay the old disk's log into the new one."""
+    code = (
+        "import os, sys\n"
+        "from pathlib import Path\n"
+        "from geryon.disk.fs import Disk, Caller, ROOT\n"
+        "d = Disk(Path(sys.argv[1]))\n"
+        "e = d.create(d.entry(ROOT), 'old', 0o664, 1, Caller('alice'))\n"
+        "d.write(e, 0, b'x' * 100000, Caller('alice'))\n"
+        "d.sync()\n"
+        "os._exit(0)  # as kill -9: no checkpoint, the log stays\n"
+    )
+    subprocess.run([sys.executable, "-c", code, str(chunk)], check=True)
+    assert Path(f"{chunk}-wal").stat().st_size > 0
+    fs.format(chunk, 4 << 20, owner="alice", users_text=USERS, force=True)
+    d = Disk(chunk)
+    try:
+        assert [c.name for c in d.children(fs.ROOT)] == ["adm"]
+        assert d.check() == []
+    finally:
+        d.close()
+
+
+def test_format_in_a_missing_directory_is_an_os_error(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError):
+        fs.format(tmp_path / "no" / "chunk", 1 << 20, owner="alice")
 
 
 def test_format_refuses_a_served_disk(chunk: Path, disk: Disk) -> None:

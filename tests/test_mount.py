@@ -217,6 +217,15 @@ def test_programs_work_on_a_mount(
     assert sh("cat", str(target)).stdout == "edited\n"
     assert sorted(os.listdir(d / "sub")) == ["a.txt", "c.txt"]
 
+    # Links the disk does not have are refused at once, and the mount lives on.
+    for argv in (["ln", str(target), str(d / "hard")], ["ln", "-s", "c.txt", str(d / "sym")]):
+        r = sh(*argv, ok=False)  # (a handler that dies leaves it hanging: sh times out)
+        assert r.returncode != 0 and "failed to create" in r.stderr, r.stderr
+    assert sh("cat", str(target)).stdout == "edited\n"
+    # touch: the times a utimes sets (9P2000 keeps the atime itself).
+    sh("touch", "-d", "2020-01-02 03:04:05", str(target))
+    assert int(os.stat(target).st_mtime) == int(time.mktime((2020, 1, 2, 3, 4, 5, 0, 0, -1)))
+
     # A disk that is full says so: ENOSPC, and the disk works after.
     (tmp_path / "big").write_bytes(os.urandom(3 << 20))
     r = sh("cp", str(tmp_path / "big"), str(d / "big"), ok=False)

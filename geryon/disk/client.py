@@ -17,7 +17,7 @@ import ssl
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
-from geryon import tls
+from geryon import errors, tls
 from geryon.disk import styx
 from geryon.disk.styx import Fcall, Stat
 
@@ -90,9 +90,13 @@ class Conn:
             raise Gone(f"{addr}: {exc.strerror or exc}") from None
         conn = cls(reader, writer)
         if ssl_ctx is not None:
-            conn.peer = tls.identity_from_der(
-                writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
-            )
+            try:
+                conn.peer = tls.identity_from_der(
+                    writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
+                )
+            except errors.GeryonError as exc:  # closed, not left open behind the error
+                await conn.close()
+                raise Gone(f"{addr}: {exc}") from None
         try:
             async with asyncio.timeout(limit):
                 r = await conn.rpc(Fcall(styx.Tversion, msize=msize, version=styx.VERSION))
@@ -222,7 +226,12 @@ class Remote:
         first = True
         while first or names:
             step, names = names[: styx.MAXWELEM], names[styx.MAXWELEM :]
-            r = await self.conn.rpc(Fcall(styx.Twalk, fid=fid, newfid=newfid, wname=step))
+            try:
+                r = await self.conn.rpc(Fcall(styx.Twalk, fid=fid, newfid=newfid, wname=step))
+            except StyxError:
+                if not first:  # NEWFID was made by an earlier step: not leaked
+                    await self.clunk(newfid)
+                raise
             if len(r.wqid) != len(step):
                 if not first:
                     await self.clunk(newfid)
@@ -241,10 +250,14 @@ class Remote:
         finally:
             await self.clunk(fid)
 
-    async def open(self, path: str, mode: int) -> int:
+    async def open(self, path: str, mode: int, *, file_only: bool = False) -> int:
+        """An opened fid for PATH; FILE_ONLY refuses a directory ("file is a
+        directory"), whose reads would be directory entries, not its contents."""
         fid = await self.walk(split(path))
         try:
-            await self.conn.rpc(Fcall(styx.Topen, fid=fid, mode=mode))
+            r = await self.conn.rpc(Fcall(styx.Topen, fid=fid, mode=mode))
+            if file_only and r.qid.type & styx.QTDIR:
+                raise StyxError("file is a directory")
         except BaseException:
             await self.clunk(fid)
             raise
@@ -287,7 +300,8 @@ class Remote:
         return sum(await asyncio.gather(*(one(o, p) for o, p in pieces)))
 
     async def chunks(self, path: str) -> AsyncIterator[bytes]:
-        fid = await self.open(path, styx.OREAD)
+        """A file's contents, an iounit at a time."""
+        fid = await self.open(path, styx.OREAD, file_only=True)
         try:
             offset = 0
             while data := await self.read_fid(fid, offset, self.conn.iounit):

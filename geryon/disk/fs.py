@@ -245,6 +245,7 @@ def format(
     tmp = path.with_name(path.name + ".format")
     for leftover in (tmp, Path(f"{tmp}-wal"), Path(f"{tmp}-shm"), Path(f"{tmp}-journal")):
         leftover.unlink(missing_ok=True)
+    open(tmp, "xb").close()  # OSError, not SQLite's "unable to open", for a bad directory
     db = sqlite3.connect(tmp, isolation_level=None)
     try:
         db.execute(f"PRAGMA page_size = {PAGE}")
@@ -272,6 +273,10 @@ def format(
         db.close()
     with open(tmp, "rb+") as f:
         os.fsync(f.fileno())
+    # The old disk's log (left by a server killed with -9) must not outlive
+    # it: SQLite would replay it into the new database.
+    for stale in (Path(f"{path}-wal"), Path(f"{path}-shm"), Path(f"{path}-journal")):
+        stale.unlink(missing_ok=True)
     os.replace(tmp, path)
     with contextlib.suppress(OSError):
         dfd = os.open(path.parent, os.O_RDONLY)
@@ -611,10 +616,9 @@ class Disk:
         gid = st.gid if st.gid and st.gid != e.gid else None
         if st.uid and st.uid != e.uid:
             raise FSError("wstat -- attempt to change owner")
-        if st.muid and st.muid != e.muid:
-            raise FSError("wstat -- attempt to change muid")
-        if st.atime != NOTOUCH32 and st.atime != e.atime:
-            raise FSError("wstat -- attempt to change atime")
+        # muid and atime are the server's to keep: a value for them is
+        # ignored, as Inferno's kfs does, not refused -- Linux's v9fs sends
+        # muid=uname with every rename and an atime with every utimes.
         if (st.qid.path != NOTOUCH64 and st.qid.path != e.path) or (
             st.qid.type != 0xFF and st.qid.type != e.qid.type
         ):

@@ -384,7 +384,9 @@ class DiskFS(_Base):
 
     def __init__(self, link: Link, root_qid_path: int = ROOT_INODE) -> None:
         super().__init__()
-        self.link = link
+        # Not ``self.link``: that name is pyfuse3's link(2) handler, and an
+        # attribute there makes `ln` kill the FUSE worker (the mount hangs).
+        self.conn_link = link
         self.root_qid = root_qid_path
         self.nodes: dict[int, Node] = {ROOT_INODE: Node(ROOT_INODE, None, "", True, lookups=1)}
         self.handles: dict[int, Handle] = {}
@@ -485,13 +487,13 @@ class DiskFS(_Base):
 
     def _clunk_later(self, fid: int, gen: int) -> None:
         """Release FID of connection GEN, if that connection still lives."""
-        remote = self.link.remote
-        if remote is None or gen != self.link.gen or fid == remote.root:
+        remote = self.conn_link.remote
+        if remote is None or gen != self.conn_link.gen or fid == remote.root:
             return
 
         async def clunk() -> None:
             with contextlib.suppress(Gone, StyxError, TimeoutError):
-                async with asyncio.timeout(self.link.wait):
+                async with asyncio.timeout(self.conn_link.wait):
                     await remote.clunk(fid)
 
         t = asyncio.create_task(clunk())
@@ -511,9 +513,9 @@ class DiskFS(_Base):
         when the connection is lost after its change went out (did it happen?),
         fail with EIO rather than do it twice."""
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.link.wait
+        deadline = loop.time() + self.conn_link.wait
         while True:
-            remote, gen = await self.link.get(deadline)
+            remote, gen = await self.conn_link.get(deadline)
             attempt = _Attempt()
             started = loop.time()
             ends = max(deadline, started + MIN_ATTEMPT)
@@ -521,14 +523,14 @@ class DiskFS(_Base):
                 async with asyncio.timeout_at(ends):
                     return await fn(remote, gen, attempt)
             except Gone as exc:
-                self.link.lost(remote, str(exc))
+                self.conn_link.lost(remote, str(exc))
                 if once and attempt.sent:
                     raise _fuse_error(errno.EIO) from None
             except TimeoutError:
                 # A connection silent for half the wait or more is taken as
                 # dead (a server that stopped, a host cut off): dial again.
-                if ends - started >= self.link.wait / 2:
-                    self.link.lost(remote, f"no answer in {ends - started:.1f}s")
+                if ends - started >= self.conn_link.wait / 2:
+                    self.conn_link.lost(remote, f"no answer in {ends - started:.1f}s")
                 raise _fuse_error(errno.EIO) from None
             except StyxError as exc:
                 raise _fuse_error(errno_of(str(exc))) from None
@@ -902,11 +904,11 @@ class DiskFS(_Base):
     @_op
     async def release(self, fh: int) -> None:
         h = self.handles.pop(fh, None)
-        remote = self.link.remote
-        if h is None or h.fid is None or remote is None or h.gen != self.link.gen:
+        remote = self.conn_link.remote
+        if h is None or h.fid is None or remote is None or h.gen != self.conn_link.gen:
             return  # its connection is gone, and with it the fid (the server clunked it)
         with contextlib.suppress(Gone, StyxError, TimeoutError):
-            async with asyncio.timeout(self.link.wait):
+            async with asyncio.timeout(self.conn_link.wait):
                 await remote.clunk(h.fid)
 
     # -- directories -----------------------------------------------------------
@@ -959,7 +961,7 @@ class DiskFS(_Base):
     async def statfs(self, ctx: Any) -> Any:
         s = pyfuse3.StatvfsData()
         s.f_bsize = s.f_frsize = STATFS_BLOCK
-        usage = await self.link.usage()
+        usage = await self.conn_link.usage()
         if usage is not None:
             size, used = usage
             s.f_blocks = size // STATFS_BLOCK

@@ -61,7 +61,6 @@ EBADDIROFF = "bad offset in directory read"
 ENOAUTH = "authentication not required"
 EATTACH = "unknown attach name"
 ETOOBIG = "message larger than msize"
-ECOUNT = "read count too small for a directory entry"
 
 
 @dataclass(slots=True)
@@ -245,7 +244,10 @@ class Session:
             data = self.disk.read(self.disk.entry(fid.entry.path), f.offset, count)
             return Fcall(styx.Rread, f.tag, data=data)
         # A directory is read from the start or from where the last read ended
-        # (read(5)), in whole entries; offset 0 takes a fresh listing.
+        # (read(5)), in whole entries; offset 0 takes a fresh listing. A count
+        # too small for the next entry gets no bytes, as kfs and lib9p answer:
+        # Linux's v9fs asks again for what is left of its buffer after a short
+        # reply, and an error there would fail the whole getdents.
         if f.offset == 0:
             fid.dir_stats = [styx.pack_stat(c.stat()) for c in self.disk.children(fid.entry.path)]
             fid.dir_index = fid.dir_offset = 0
@@ -258,8 +260,6 @@ class Session:
             out.append(stats[fid.dir_index])
             n += len(stats[fid.dir_index])
             fid.dir_index += 1
-        if not out and fid.dir_index < len(stats):
-            raise FSError(ECOUNT)
         fid.dir_offset += n
         return Fcall(styx.Rread, f.tag, data=b"".join(out))
 
@@ -419,12 +419,15 @@ async def serve(
     ready: Callable[[int], None] | None = None,
     stop: asyncio.Event | None = None,
 ) -> None:
-    """Serve CHUNK until STOP is set (or SIGTERM/SIGINT when none is given)."""
+    """Serve CHUNK on HOST:PORT (HOST * for every address) until STOP is set
+    (or SIGTERM/SIGINT when none is given)."""
     disk = Disk(chunk, read_only=read_only)
     ctx = tls.ssl_context(tls_dir, server=True) if tls_dir is not None else None
     cs = ChunkServer(disk, ssl_ctx=ctx)
     try:
-        server = await asyncio.start_server(cs.handle, host, port, ssl=ctx, limit=MSIZE + 64)
+        server = await asyncio.start_server(
+            cs.handle, None if host == "*" else host, port, ssl=ctx, limit=MSIZE + 64
+        )
         bound = server.sockets[0].getsockname()[1]
         if ready is not None:
             ready(bound)

@@ -2,8 +2,10 @@
 
 `make demo` makes a cluster CA in .demo/, starts geryon-registryd with TLS on
 a loopback port (the embedded store), two node agents (host0, host1: two
-chunks and a cpu listener each), and the reconciler naming the chunks from an
-ndb file; then it shows ls, a live ndb edit, a master chunk's failover and
+chunks served as disks over 9P2000 in TLS, and a cpu listener each), and the
+reconciler naming the disks from an ndb file; then it mounts d0.mbox on both
+"nodes" (FUSE, under .demo/hostN/n/), writes a file on one and reads it on
+the other, and shows ls, a live ndb edit, a master chunk's failover and
 failback, an agent killed with kill -9, and a registry restart that loses
 nothing.
 

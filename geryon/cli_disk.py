@@ -82,31 +82,27 @@ def _is_addr(name: str) -> bool:
     return bool(sep and host and port.isdigit())
 
 
-async def _addr_of(args: argparse.Namespace, name: str) -> tuple[str, dict[str, str]]:
-    """The chunk address NAME resolves to, and the chunk entry's attributes
-    (size, used) when the registry has them."""
-    async with Client(
-        args.registry, tls_dir=args.tls_dir, user=args.user, retry_for=args.timeout
-    ) as c:
-        if _is_addr(name):
-            addr = name if "!" in name else "tcp!{}!{}".format(*name.rsplit(":", 1))
-        else:
-            try:
-                addr = (await disk_entry(c, name)).attrs["addr"]
-            except Unresolved as exc:
-                raise Failed(str(exc)) from None
-        try:
-            attrs = dict((await c.get(addr)).attrs)
-        except errors.GeryonError:
-            attrs = {}
-        return addr, attrs
+def _registry(args: argparse.Namespace) -> Client:
+    return Client(args.registry, tls_dir=args.tls_dir, user=args.user, retry_for=args.timeout)
+
+
+async def _resolve(c: Client, name: str) -> str:
+    """The chunk address (tcp!HOST!PORT) NAME stands for: itself when it is one."""
+    if _is_addr(name):
+        return name if "!" in name else "tcp!{}!{}".format(*name.rsplit(":", 1))
+    try:
+        return (await disk_entry(c, name)).attrs["addr"]
+    except Unresolved as exc:
+        raise Failed(str(exc)) from None
 
 
 @asynccontextmanager
 async def _remote(args: argparse.Namespace, name: str) -> AsyncIterator[styx_client.Remote]:
-    addr, _ = await _addr_of(args, name) if not _is_addr(name) else (name, {})
-    if ":" in addr and "!" not in addr:
-        addr = "tcp!{}!{}".format(*addr.rsplit(":", 1))
+    if _is_addr(name):
+        addr = name  # no registry needed to dial an address
+    else:
+        async with _registry(args) as c:
+            addr = await _resolve(c, name)
     try:
         styx_client.parse_addr(addr)
     except ValueError as exc:
@@ -253,14 +249,10 @@ async def cmd_serve(args: argparse.Namespace) -> int:
         )
     if args.create is not None and not fs.is_disk(chunk):
         try:
-            exists = chunk.exists() and chunk.stat().st_size > 0
-            if exists and await asyncio.to_thread(fs.holds_data, chunk):
-                raise Failed(f"{chunk}: holds data that is not a disk; not formatting it")
             owner = args.owner or getpass.getuser()
             text = Path(args.users).read_text() if args.users else None
-            await asyncio.to_thread(
-                fs.format, chunk, args.create, owner=owner, users_text=text, force=True
-            )
+            # Without force: a file of zeros is formatted, one holding data refused.
+            await asyncio.to_thread(fs.format, chunk, args.create, owner=owner, users_text=text)
         except (ValueError, OSError, fs.NotADisk) as exc:
             raise Failed(f"{chunk}: cannot format: {exc}") from None
         # UsersError is a ValueError: named above with the line at fault.
@@ -411,19 +403,24 @@ def _human(n: int) -> str:
 async def cmd_df(args: argparse.Namespace) -> int:
     print(f"{'disk':<16} {'size':>10} {'used':>10} {'avail':>10} {'use%':>5}  chunk")
     bad = 0
-    for name in args.names:
-        try:
-            addr, attrs = await _addr_of(args, name)
-        except Failed as exc:
-            print(f"geryon: disk df: {exc}", file=sys.stderr)
-            bad += 1
-            continue
-        size, used = int(attrs.get("size", "0") or 0), int(attrs.get("used", "0") or 0)
-        pct = f"{100 * used // size}%" if size else "-"
-        print(
-            f"{name:<16} {_human(size):>10} {_human(used):>10} {_human(max(size - used, 0)):>10} "
-            f"{pct:>5}  {addr}"
-        )
+    async with _registry(args) as c:
+        for name in args.names:
+            try:
+                addr = await _resolve(c, name)
+            except Failed as exc:
+                print(f"geryon: disk df: {exc}", file=sys.stderr)
+                bad += 1
+                continue
+            try:  # size and used: the chunk's own entry keeps them current
+                attrs = dict((await c.get(addr)).attrs)
+            except errors.NotFound:
+                attrs = {}
+            size, used = int(attrs.get("size", "0") or 0), int(attrs.get("used", "0") or 0)
+            pct = f"{100 * used // size}%" if size else "-"
+            print(
+                f"{name:<16} {_human(size):>10} {_human(used):>10} "
+                f"{_human(max(size - used, 0)):>10} {pct:>5}  {addr}"
+            )
     return 1 if bad else 0
 
 

@@ -313,15 +313,19 @@ class Remote:
     async def read_file(self, path: str) -> bytes:
         return b"".join([c async for c in self.chunks(path)])
 
+    async def read_dir(self, fid: int) -> list[Stat]:
+        """Every entry of the directory open on FID, read from its start."""
+        out: list[Stat] = []
+        offset = 0
+        while data := await self.read_fid(fid, offset, self.conn.iounit):
+            offset += len(data)
+            out.extend(styx.unpack_stats(data))
+        return out
+
     async def listdir(self, path: str) -> list[Stat]:
         fid = await self.open(path, styx.OREAD)
         try:
-            out: list[Stat] = []
-            offset = 0
-            while data := await self.read_fid(fid, offset, self.conn.iounit):
-                offset += len(data)
-                out.extend(styx.unpack_stats(data))
-            return out
+            return await self.read_dir(fid)
         finally:
             await self.clunk(fid)
 

@@ -52,7 +52,6 @@ from geryon.disk.styx import (
     OTRUNC,
     OWRITE,
     PERM_MASK,
-    QTDIR,
     Qid,
     Stat,
 )
@@ -765,13 +764,8 @@ class Disk:
         return problems
 
 
-def qid_is_dir(q: Qid) -> bool:
-    return bool(q.type & QTDIR)
-
-
 __all__ = [
     "BLOCK",
-    "ORDWR",
     "Caller",
     "Disk",
     "Entry",

@@ -925,12 +925,7 @@ class DiskFS(_Base):
             fid = await self._clone(r, gen, node)
             try:
                 await r.conn.rpc(Fcall(styx.Topen, fid=fid, mode=OREAD))
-                out: list[Stat] = []
-                offset = 0
-                while data := await r.read_fid(fid, offset, r.conn.iounit):
-                    offset += len(data)
-                    out.extend(styx.unpack_stats(data))
-                return out
+                return await r.read_dir(fid)
             finally:
                 self._clunk_later(fid, gen)
 

@@ -133,8 +133,6 @@ class Session:
     def version(self, f: Fcall) -> Fcall:
         self.clunk_all()  # a Tversion starts the session over
         self.msize = 0  # until this one succeeds: a refused Tversion leaves no session
-        if f.tag != styx.NOTAG:
-            pass  # Linux and Plan 9 send NOTAG; a stray tag is harmless
         if not f.version.startswith(styx.VERSION) or f.version[len(styx.VERSION) :][:1] not in (
             "",
             ".",

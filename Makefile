@@ -42,6 +42,7 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m bench.run
 	$(BIN)/python -m bench.disk
+	$(BIN)/python -m bench.replica
 
 lint: $(STAMP)
 	$(BIN)/ruff check geryon tests bench

@@ -53,7 +53,6 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
-import json
 import os
 import pstats
 import random
@@ -765,15 +764,7 @@ async def main_async(args: argparse.Namespace, rig: Rig) -> int:
             "sizes": dataclasses.asdict(s),
             "notes": notes,
         }
-        text = json.dumps(doc, indent=2) + "\n"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text)
-        log(f"wrote {out}")
-        tag = report.release()
-        if tag and args.out is None:
-            copy = out.parent / f"disk-{tag.replace('/', '_')}.json"
-            copy.write_text(text)
-            log(f"wrote {copy}")
+        report.save(out, doc, stem="disk", copy=args.out is None)
     return 0
 
 
@@ -845,6 +836,25 @@ def main(argv: list[str] | None = None) -> None:
     if profile_dir is not None:
         profile_dir.mkdir(parents=True, exist_ok=True)
     rig = Rig(tmp, profile_dir)
+
+    def logs() -> list[Path]:
+        names = ("registry.log", "chunk-server.log", "passthrough.log", "geryon-mount.log")
+        return [tmp / name for name in names]
+
+    run_bench(lambda: main_async(args, rig), tmp, logs=logs, cleanup=rig.stop)
+
+
+def run_bench(
+    main_async: Callable[[], Any],
+    tmp: Path,
+    *,
+    logs: Callable[[], list[Path]],
+    cleanup: Callable[[], None],
+) -> None:
+    """Run MAIN_ASYNC() within TOTAL_BUDGET_S and exit with its status: Ctrl-C
+    or SIGTERM end it (130), a failure prints the tails of LOGS(); whatever
+    happens, CLEANUP(), every process ended and TMP removed (kept with
+    BENCH_KEEP=1). Shared with bench.replica."""
     code = 1
     try:
 
@@ -855,7 +865,7 @@ def main(argv: list[str] | None = None) -> None:
             # since a shell starts a background job with SIGINT ignored.
             for sig in (signal.SIGTERM, signal.SIGINT):
                 asyncio.get_running_loop().add_signal_handler(sig, task.cancel)
-            return await bounded(main_async(args, rig), TOTAL_BUDGET_S, "the whole run")
+            return await bounded(main_async(), TOTAL_BUDGET_S, "the whole run")
 
         code = asyncio.run(guarded())
     except (KeyboardInterrupt, asyncio.CancelledError):
@@ -864,14 +874,14 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as exc:
         traceback.print_exc()
         log(f"failed: {exc}")
-        for name in ("registry.log", "chunk-server.log", "passthrough.log", "geryon-mount.log"):
-            path = tmp / name
+        for path in logs():
             if path.exists():
                 tail = path.read_text(errors="replace").splitlines()[-15:]
+                name = path.relative_to(tmp)
                 print(f"---- {name} (last lines) ----", *tail, sep="\n", file=sys.stderr)
         code = 1
     finally:
-        rig.stop()
+        cleanup()
         procs.kill_all()
         if os.environ.get("BENCH_KEEP"):
             log(f"kept {tmp}")

@@ -13,6 +13,7 @@ import json
 import os
 import platform
 import subprocess
+import sys
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -167,3 +168,17 @@ def write(
         copy.write_text(text)
         written.append(copy)
     return written
+
+
+def save(path: Path, doc: dict[str, Any], *, stem: str, copy: bool = True) -> None:
+    """Write DOC as JSON to PATH and, at a release tag (when COPY), beside it
+    as STEM-TAG.json: bench.disk's and bench.replica's results."""
+    text = json.dumps(doc, indent=2) + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    print(f"bench: wrote {path}", file=sys.stderr)
+    tag = release()
+    if tag and copy:
+        other = path.parent / f"{stem}-{tag.replace('/', '_')}.json"
+        other.write_text(text)
+        print(f"bench: wrote {other}", file=sys.stderr)

@@ -29,6 +29,8 @@ frozen data: the agent compares two of them to apply a SIGHUP's difference.
     owner = "glenda"            # a new disk's owner (default: the agent's TLS
                                 #   identity, else the user running the agent)
     users = "users"             # a new disk's /adm/users (id:name:leader:members)
+    sync = false                # a disk: as a replicated disk's primary, acknowledge
+                                #   a durable write only once the replica has it
     port = 0                    # 0: a free port at each start
     attrs = { kfs = "1" }
     env = { NAME = "value" }
@@ -77,7 +79,8 @@ RESTART_POLICIES = ("always", "on-failure", "never")
 HEALTH_TYPES = ("tcp", "command", "grpc", "none")
 # Attributes the agent sets itself; a config may not override them.
 CHUNK_OWN_ATTRS = frozenset(
-    {"id", "host", "size", "used", "path", "name", "pid", "started", "health"}
+    {"id", "host", "size", "used", "path", "name", "pid", "started", "health", "applied",
+     "epoch"}
 )
 LISTENER_OWN_ATTRS = frozenset({"host", "name", "pid", "started", "health"})
 NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
@@ -214,6 +217,7 @@ class ChunkSpec:
     ready_timeout: float = 30.0
     owner: str = ""  # a new disk's owner ("": the agent's identity)
     users: Path | None = None  # a new disk's /adm/users ("": one naming the owner)
+    sync: bool = False  # a disk: writes wait for its replica (geryon disk serve --sync)
 
     @property
     def key(self) -> str:
@@ -481,6 +485,7 @@ def parse(data: Mapping[str, Any], path: Path) -> AgentConfig:
         command = _command(t, "command", required=False)
         owner = t.get("owner", str, "", parse=_name)
         users = t.get("users", str, None)
+        sync = t.get("sync", bool, False)
         port = t.get("port", int, 0, parse=_port)
         spec_restart = _restart(t, restart)
         chunk_ready = t.get("ready_timeout", (str, int, float), ready_timeout, parse=parse_duration)
@@ -521,8 +526,9 @@ def parse(data: Mapping[str, Any], path: Path) -> AgentConfig:
                         t.problem("users", f"{users} does not name the owner {owner}")
         if not command and "command" not in raw and size is not None and size < MIN_CAPACITY:
             t.problem("size", f"a disk needs at least {MIN_CAPACITY} bytes (256KiB)")
-        if command and (owner or users):
-            t.problem("owner" if owner else "users", "only for a disk (a chunk without command)")
+        if command and (owner or users or sync):
+            key = "owner" if owner else "users" if users else "sync"
+            t.problem(key, "only for a disk (a chunk without command)")
         if None not in (cid, cpath, size) and ("command" not in raw or command):
             chunks.append(
                 ChunkSpec(
@@ -538,6 +544,7 @@ def parse(data: Mapping[str, Any], path: Path) -> AgentConfig:
                     ready_timeout=chunk_ready,
                     owner=owner or "",
                     users=users,
+                    sync=bool(sync),
                 )
             )
 
@@ -629,6 +636,7 @@ CHUNK_KEYS = {
     "ready_timeout",
     "owner",
     "users",
+    "sync",
 }
 HEALTH_KEYS = {
     "type",

@@ -18,8 +18,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime as dt
 import getpass
+import json
+import logging
 import os
 import sys
 from collections.abc import AsyncIterator
@@ -29,7 +32,7 @@ from pathlib import Path
 from geryon import agent_config, endpoints, errors, tls
 from geryon.client import Client
 from geryon.disk import client as styx_client
-from geryon.disk import fs, server, styx
+from geryon.disk import fs, role, server, styx
 from geryon.disk import users as users_mod
 from geryon.resolve import Unresolved, disk_entry
 
@@ -86,14 +89,21 @@ def _registry(args: argparse.Namespace) -> Client:
     return Client(args.registry, tls_dir=args.tls_dir, user=args.user, retry_for=args.timeout)
 
 
-async def _resolve(c: Client, name: str) -> str:
-    """The chunk address (tcp!HOST!PORT) NAME stands for: itself when it is one."""
+async def _resolve(c: Client, name: str, *, replica: bool = False) -> str:
+    """The chunk address (tcp!HOST!PORT) NAME stands for: itself when it is
+    one; with REPLICA, its live replica's."""
     if _is_addr(name):
         return name if "!" in name else "tcp!{}!{}".format(*name.rsplit(":", 1))
     try:
-        return (await disk_entry(c, name)).attrs["addr"]
+        s = await disk_entry(c, name)
     except Unresolved as exc:
         raise Failed(str(exc)) from None
+    if not replica:
+        return s.attrs["addr"]
+    addr = styx_client.replica_addr(s.attrs)
+    if addr is None:
+        raise Failed(f"{name} has no live replica")
+    return addr
 
 
 @asynccontextmanager
@@ -102,7 +112,7 @@ async def _remote(args: argparse.Namespace, name: str) -> AsyncIterator[styx_cli
         addr = name  # no registry needed to dial an address
     else:
         async with _registry(args) as c:
-            addr = await _resolve(c, name)
+            addr = await _resolve(c, name, replica=getattr(args, "replica", False))
     try:
         styx_client.parse_addr(addr)
     except ValueError as exc:
@@ -260,14 +270,25 @@ async def cmd_serve(args: argparse.Namespace) -> int:
 
     def ready(bound: int) -> None:
         how = "9P2000 in TLS" if tls_dir else "9P2000"
-        mode = ", read-only" if args.read_only else ""
+        mode = ", read-only" if args.read_only else ", synchronous" if args.sync else ""
         print(f"disk: serving {chunk} on {host}:{bound} ({how}{mode})", file=sys.stderr, flush=True)
+
+    # The role and replication log say what happens to the disk: info and up.
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    beside = None
+    if args.chunk_name:
+        ssl_ctx = styx_client.client_ssl(tls_dir) if tls_dir else None
+
+        async def beside(cs: server.ChunkServer) -> None:
+            async with _registry(args) as c:
+                await role.Role(cs, c, args.chunk_name, ssl_ctx=ssl_ctx).run()
 
     try:
         await server.serve(
-            chunk, host, port, tls_dir=tls_dir, read_only=args.read_only, ready=ready
-        )
-    except fs.NotADisk as exc:
+            chunk, host, port, tls_dir=tls_dir, read_only=args.read_only, sync=args.sync,
+            ready=ready, beside=beside,
+        )  # fmt: skip
+    except (fs.NotADisk, server.RoleLost) as exc:
         raise Failed(str(exc)) from None
     except errors.GeryonError as exc:
         raise Failed(str(exc)) from None
@@ -424,6 +445,159 @@ async def cmd_df(args: argparse.Namespace) -> int:
     return 1 if bad else 0
 
 
+# ---- replication -------------------------------------------------------------
+
+
+async def _chunk(c: Client, chunk: str) -> str | None:
+    """The live address of chunk HOST!ID (as its agent registers it), or None."""
+    host, _, cid = chunk.partition("!")
+    found, _ = await c.find({"host": host, "id": cid})
+    live = [s for s in found if s.attrs.get("health") != "critical"]
+    return max(live, key=lambda s: s.create_revision).name if live else None
+
+
+async def _replication(c: Client, args: argparse.Namespace, name: str):
+    """NAME's entry and, for its primary and standby chunks, (chunk, addr, status)."""
+    try:
+        s = await c.get(name)
+    except errors.NotFound:
+        raise Failed(f"no disk named {name}") from None
+    if not s.attrs.get("primary"):
+        raise Failed(f"{name} is not a disk the reconciler keeps (no primary in its entry)")
+    out = []
+    for key in ("primary", "standby") if s.attrs.get("standby") else ("primary",):
+        chunk = s.attrs.get(key, "")
+        addr = await _chunk(c, chunk) if chunk else None
+        st: dict[str, object] | str = "down"
+        if addr is not None:
+            try:
+                st = await styx_client.replication_status(
+                    addr, tls_dir=tls.tls_dir_from(args.tls_dir), limit=args.timeout
+                )
+            except (styx_client.Gone, styx_client.StyxError, ValueError) as exc:
+                st = f"unreachable: {exc}"
+        out.append((key, chunk, addr, st))
+    return s, out
+
+
+async def cmd_status(args: argparse.Namespace) -> int:
+    rows: list[dict[str, object]] = []
+    async with _registry(args) as c:
+        for name in args.names:
+            s, chunks = await _replication(c, args, name)
+            head: dict[str, object] = {
+                "disk": name,
+                "epoch": int(s.attrs.get("epoch", "1")),
+                "serving": s.attrs.get("serving", ""),
+                "addr": s.attrs.get("addr", ""),
+            }
+            prim = chunks[0][3] if isinstance(chunks[0][3], dict) else {}
+            head["sync"] = prim.get("sync", None)
+            head["in_sync"] = prim.get("in_sync", None)
+            head["chunks"] = []
+            for key, chunk, addr, st in chunks:
+                row: dict[str, object] = {"role": key, "chunk": chunk, "addr": addr}
+                if isinstance(st, dict):
+                    row["seq"] = st.get("seq")
+                    row["epoch"] = st.get("epoch")
+                    row["writable"] = not st.get("frozen")
+                    if key == "primary":
+                        row["acked"] = st.get("acked")
+                    fol = st.get("following")
+                    if isinstance(fol, dict):
+                        row.update(
+                            lag=fol.get("lag"),
+                            lag_s=fol.get("lag_s"),
+                            following=fol.get("primary_addr"),
+                            error=fol.get("error"),
+                        )
+                    elif key == "standby":
+                        row["following"] = None
+                else:
+                    row["state"] = st
+                head["chunks"].append(row)  # type: ignore[union-attr]
+            rows.append(head)
+    if args.json:
+        print(json.dumps(rows if len(rows) > 1 else rows[0], indent=2))
+        return 0
+    for h in rows:
+        mode = "synchronous" if h["sync"] else "asynchronous"
+        if h["sync"]:
+            mode += ", in sync" if h["in_sync"] else ", OUT OF SYNC (writes are asynchronous)"
+        print(f"{h['disk']}: epoch {h['epoch']}, {mode}, serving {h['serving']} {h['addr']}")
+        for r in h["chunks"]:  # type: ignore[attr-defined]
+            where = f"  {r['role']:<8} {r['chunk']:<20} {r['addr'] or '-':<24}"
+            if "state" in r:
+                print(f"{where} {r['state']}")
+                continue
+            what = f"seq {r['seq']} epoch {r['epoch']}"
+            what += " writable" if r["writable"] else " read-only"
+            if r["role"] == "primary":
+                what += f", acked {r['acked']}"
+            if r.get("following"):
+                what += f", lag {r['lag']} changes {r['lag_s']}s"
+                if r.get("error"):
+                    what += f" ({r['error']})"
+            elif r["role"] == "standby":
+                what += ", not following (no live primary)"
+            print(f"{where} {what}")
+    return 0
+
+
+async def cmd_promote(args: argparse.Namespace) -> int:
+    async with _registry(args) as c:
+        s, chunks = await _replication(c, args, args.name)
+        if len(chunks) < 2:
+            raise Failed(f"{args.name} has no replica (its ndb entry names none)")
+        (_, primary, p_addr, _), (_, standby, s_addr, st) = chunks
+        epoch = int(s.attrs.get("epoch", "1"))
+        if s_addr is None:
+            raise Failed(f"{args.name}: its replica {standby} is not running")
+        if p_addr is not None and not args.force:
+            raise Failed(
+                f"{args.name}: its primary {primary} is live at {p_addr}; stop it first, "
+                "or --force to switch now (its unreplicated changes go to /recovered)"
+            )
+        fol = st.get("following") if isinstance(st, dict) else None
+        if not args.force:
+            if not isinstance(fol, dict):
+                raise Failed(
+                    f"{args.name}: {standby} has not followed {primary} since it started, "
+                    "so it may lack changes (--force to promote anyway)"
+                )
+            if not fol.get("safe"):
+                raise Failed(
+                    f"{args.name}: {standby} applied seq {st['seq']}, but {primary} had "  # type: ignore[index]
+                    f"acknowledged seq {fol.get('primary_acked')}: promoting loses those "
+                    "changes (--force to accept)"
+                )
+        try:
+            await c.update(
+                args.name,
+                {"primary": standby, "standby": primary, "epoch": str(epoch + 1)},
+                expected_mod_revision=s.mod_revision,
+            )
+        except errors.FailedPrecondition:
+            raise Failed(f"{args.name} changed while promoting; look again") from None
+        # Until the new primary takes its role, writes would still be refused.
+        deadline = asyncio.get_running_loop().time() + args.timeout
+        while asyncio.get_running_loop().time() < deadline:
+            with contextlib.suppress(styx_client.Gone, styx_client.StyxError, ValueError):
+                now = await styx_client.replication_status(
+                    s_addr, tls_dir=tls.tls_dir_from(args.tls_dir), limit=args.timeout
+                )
+                if now.get("role") == "primary" and not now.get("frozen"):
+                    break
+            await asyncio.sleep(0.2)
+        else:
+            raise Failed(
+                f"{args.name}: promoted {standby} to epoch {epoch + 1}, but it is not "
+                f"writable yet after {args.timeout:g}s"
+            )
+    print(f"{args.name}: {standby} is the primary at epoch {epoch + 1}")
+    return 0
+
+
 async def run(args: argparse.Namespace) -> int:
     try:
         return await args.disk_run(args)
@@ -447,6 +621,13 @@ def add_disk_commands(sub: argparse._SubParsersAction) -> None:
         p = ds.add_parser(name, help=help, **kw)  # type: ignore[arg-type]
         p.set_defaults(run=run, disk_run=fn)
         return p
+
+    def replica(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--replica",
+            action="store_true",
+            help="read NAME's live replica instead of its primary",
+        )
 
     def uname(p: argparse.ArgumentParser) -> None:
         p.add_argument(
@@ -484,6 +665,19 @@ def add_disk_commands(sub: argparse._SubParsersAction) -> None:
     )
     s.add_argument("--owner", help="with --create: the new disk's owner (default: you)")
     s.add_argument("--users", metavar="FILE", help="with --create: the new disk's users file")
+    s.add_argument(
+        "--chunk",
+        dest="chunk_name",
+        metavar="HOST!CHUNK",
+        help="this chunk as the ndb names it: take the role (primary, replica, neither) "
+        "the disk's registry entry gives it; writes are refused until the registry answers",
+    )
+    s.add_argument(
+        "--sync",
+        action="store_true",
+        help="as a primary, acknowledge a durable write only once a replica has it "
+        "(asynchronous again while none keeps up)",
+    )
 
     u = cmd("users", cmd_users, "show or replace a disk's /adm/users")
     u.add_argument("target", metavar="CHUNK|NAME")
@@ -497,16 +691,20 @@ def add_disk_commands(sub: argparse._SubParsersAction) -> None:
     ls.add_argument("target", metavar="NAME[:/PATH]")
     ls.add_argument("-l", dest="long", action="store_true", help="long listing")
     uname(ls)
+    replica(ls)
     st = cmd("stat", cmd_stat, "show a file's directory entry")
     st.add_argument("target", metavar="NAME:/PATH")
     uname(st)
+    replica(st)
     ca = cmd("cat", cmd_cat, "print files")
     ca.add_argument("targets", nargs="+", metavar="NAME:/PATH")
     uname(ca)
+    replica(ca)
     g = cmd("get", cmd_get, "copy a file from a disk")
     g.add_argument("target", metavar="NAME:/PATH")
     g.add_argument("local", nargs="?", metavar="LOCAL")
     uname(g)
+    replica(g)
     p = cmd("put", cmd_put, "copy a file onto a disk (LOCAL - reads stdin)")
     p.add_argument("local", metavar="LOCAL")
     p.add_argument("target", metavar="NAME:/PATH")
@@ -520,5 +718,28 @@ def add_disk_commands(sub: argparse._SubParsersAction) -> None:
         "--mode", type=_mode, default=0o775, help="permission bits, octal (default 775)"
     )
     uname(m)
+    sta = cmd(
+        "status",
+        cmd_status,
+        "a replicated disk's primary and replica: positions, lag, sync",
+        description="For each NAME: its epoch, whether writes wait for the replica "
+        "(synchronous mode, and whether it is in sync now), and for the primary and the "
+        "replica chunk their position (seq), whether they take writes, and the replica's "
+        "lag behind the primary in changes and seconds, asked of the chunk servers.",
+    )
+    sta.add_argument("names", nargs="+", metavar="NAME")
+    sta.add_argument("--json", action="store_true", help="print JSON")
+    pr = cmd(
+        "promote",
+        cmd_promote,
+        "make a replicated disk's replica its primary (a new epoch)",
+        description="Make NAME's replica the primary at the next epoch, so that it takes "
+        "writes; the old primary, when it returns, refuses writes and follows the new one "
+        "(its changes the new primary never had are kept in /recovered). Refused while the "
+        "primary is live, or when the replica lacks changes the primary acknowledged, "
+        "unless --force.",
+    )
+    pr.add_argument("name", metavar="NAME")
+    pr.add_argument("--force", action="store_true", help="promote even so")
     df = cmd("df", cmd_df, "size and use of disks (from their chunks' registry entries)")
     df.add_argument("names", nargs="+", metavar="NAME")

@@ -127,6 +127,7 @@ async def _foreground(args: argparse.Namespace, name: str) -> int:
         timeout=args.timeout,
         uname=args.uname or getpass.getuser(),
         wait=args.wait,
+        replica=args.replica,
     )
     try:
         await mount_mod.mount(opts, ready=ready)
@@ -149,7 +150,9 @@ def _child_argv(args: argparse.Namespace, name: str, point: Path, ready_fd: int)
     if args.user:
         argv += ["--user", args.user]
     argv += ["mount", "--foreground", "--ready-fd", str(ready_fd), "--at", str(point)]
-    argv += ["--wait", str(args.wait), "--uname", args.uname or getpass.getuser(), "--", name]
+    argv += ["--wait", str(args.wait), "--uname", args.uname or getpass.getuser()]
+    argv += ["--replica"] if args.replica else []
+    argv += ["--", name]
     return argv
 
 
@@ -294,6 +297,12 @@ def add_mount_commands(sub: argparse._SubParsersAction) -> None:
         help=f"mount each NAME at DIR/NAME (default {DEFAULT_ROOT})",
     )
     m.add_argument("--at", metavar="DIR", help="mount the one NAME at DIR")
+    m.add_argument(
+        "--replica",
+        action="store_true",
+        help="read NAME's live replica instead of its primary, read-only (its "
+        "entry's replica-addr; reads never wait for the primary)",
+    )
     m.add_argument(
         "--uname",
         default=None,

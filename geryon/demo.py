@@ -274,6 +274,10 @@ def mounts(c: Cluster) -> None:
         c.run("disk", "cat", "d0.mbox:/hello", env=as_node(c, "host1"))
     c.run("disk", "ls", "-l", "d0.mbox")
     c.run("disk", "df", "d0.mbox", "d1.mbox")
+    say("d0.mbox's replica (host1's chunk0) follows its master: status, then a read from it")
+    wait_for(c, "lag 0 changes", "disk", "status", "d0.mbox")
+    c.run("disk", "status", "d0.mbox")
+    c.run("disk", "cat", "--replica", "d0.mbox:/hello")
 
 
 def tour(c: Cluster) -> None:

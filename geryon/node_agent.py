@@ -164,8 +164,12 @@ class ChunkUnit(Unit):
                 advertise,
             )
             return None
-        argv = [sys.executable, "-m", "geryon.cli", "disk", "serve", "{path}"]
+        config = self.agent.config
+        argv = [sys.executable, "-m", "geryon.cli", "--registry", config.registry]
+        argv += ["disk", "serve", "{path}", "--chunk", f"{config.host}!{self.spec.id}"]
         argv += ["--listen", f"{'*' if tls_dir else advertise}:{{port}}"]
+        if self.spec.sync:
+            argv += ["--sync"]
         argv += ["--create", str(self.spec.size), "--owner", self.disk_owner()]
         if self.spec.users is not None:
             argv += ["--users", str(self.spec.users)]
@@ -270,7 +274,9 @@ class ChunkUnit(Unit):
             except Exception as exc:  # a disk mid-format or damaged: say so, keep going
                 log.debug("%s: cannot read usage: %s", self.who, exc)
             else:
-                usage = {"size": str(u.capacity), "used": str(u.used)}
+                # The position (seq) and epoch: where a replica stands, at a glance.
+                usage = {"size": str(u.capacity), "used": str(u.used), "applied": str(u.seq),
+                         "epoch": str(u.epoch)}  # fmt: skip
                 if usage != self.usage:
                     self.usage = usage
                     child.set_attrs(self.attrs())
@@ -524,7 +530,8 @@ def describe(config: AgentConfig) -> str:
                 else "missing: will be formatted" if not c.path.exists()
                 else "not a disk: will be formatted if it holds only zeros"
             )  # fmt: skip
-            run = f"geryon disk serve {c.path} (9P2000{' in TLS' if config.tls_dir else ''})"
+            how = "9P2000" + (" in TLS" if config.tls_dir else "") + (", sync" if c.sync else "")
+            run = f"geryon disk serve {c.path} ({how})"
         else:
             state = "exists" if c.path.exists() else "missing: will be created sparse"
             run = " ".join(c.command)

@@ -17,7 +17,16 @@ a level-triggered controller:
   points there (``serving replica``; ``host`` and ``chunk`` say whose chunk
   ``addr`` is). With neither live it stays, ``status down`` without ``addr``.
   ``--failback auto`` points back at the master as soon as it is live again;
-  ``never`` stays on a live replica the entry already serves.
+  ``never`` stays on a live replica the entry already serves -- except for a
+  replicated disk, which serves its primary whenever it is live (the replica
+  takes no writes until promoted).
+- A disk that is no disk's replica names its writable chunk and an epoch
+  (``primary``, ``epoch``; with a replica also ``standby`` and, beside a live
+  primary, ``replica-addr``). Promotion (``geryon disk promote``, or
+  ``--promote auto`` here when the replica's server says nothing the primary
+  acknowledged is missing) swaps primary and standby at the next epoch; the
+  entry keeps them from pass to pass, and epochs never go back (the chunks'
+  own ``epoch`` attributes count).
 - The difference (``plan``): create (fenced: only if still absent), update
   or delete (fenced by ``mod_revision``) managed entries; an unmanaged entry
   holding a disk name is reported, never touched. Managed entries are owned
@@ -29,7 +38,8 @@ a level-triggered controller:
   and missed events, restarts and resyncs all take the same path.
 
 Invariants: the desired state is a function of the ndb files, the live chunks
-and (for ``--failback never`` only) which chunk each entry serves now, so two
+and the entries' ``primary`` and ``epoch`` (and, for ``--failback never``,
+which chunk each entry serves now), so two
 reconcilers with the same flags compute the same writes; a write that lost a
 race fails its fence and the pass re-runs from fresh reads. A malformed ndb
 edit keeps the last good disks (the error is logged once, with file and line).
@@ -48,10 +58,12 @@ import signal
 import sys
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 from geryon import errors
 from geryon.client import DEFAULT_REGISTRY, Backoff, Client
+from geryon.disk.client import Gone, StyxError, replication_status
 from geryon.endpoints import registry_address
 from geryon.model import Revision, Service, validate_name
 from geryon.ndb import Database, NdbError
@@ -81,6 +93,9 @@ CHUNK_FILTER = {"id": "*"}
 
 Failback = Literal["auto", "never"]
 FAILBACKS = ("auto", "never")
+Promote = Literal["auto", "never"]
+PROMOTES = ("auto", "never")
+PROMOTE_CHECK_S = 3.0
 DEFAULT_RESYNC_S = 30.0
 NDB_POLL_S = 0.5
 # Triggers arriving this close together share one pass.
@@ -146,6 +161,13 @@ def read_disks(db: Database) -> tuple[dict[str, Disk], list[str]]:
     for d in disks.values():
         if d.replica and d.replica not in disks:
             problems.append(f"{d.where}: disk {d.name}: replica {d.replica} is not a disk name")
+    owners: dict[tuple[str, str], str] = {}
+    for d in disks.values():
+        if d.host and owners.setdefault((d.host, d.chunk), d.name) != d.name:
+            problems.append(
+                f"{d.where}: disk {d.name}: chunk {d.host}!{d.chunk} is also disk "
+                f"{owners[d.host, d.chunk]}'s (one chunk holds one disk)"
+            )
     return disks, problems
 
 
@@ -174,44 +196,92 @@ def desired_entries(
     *,
     failback: Failback = "auto",
     actual: Mapping[str, Service] | None = None,
+    promote: Iterable[str] = (),
 ) -> dict[str, dict[str, str]]:
     """The attributes each disk name's entry should have now.
 
-    ``actual`` (the entries as they are) matters only for ``failback
-    never``: an entry already serving a live replica keeps serving it.
+    ``actual`` (the entries as they are) carries a replicated disk's
+    ``primary`` and ``epoch`` from pass to pass (``geryon disk promote``
+    writes them), and matters for ``failback never``: an entry already
+    serving a live replica keeps serving it. ``promote`` names disks whose
+    live standby becomes the primary at the next epoch (``--promote auto``).
     """
     live = live_chunks(chunks)
     actual = actual or {}
+    promote = set(promote)
+    replicas = {d.replica for d in disks.values() if d.replica}
     out: dict[str, dict[str, str]] = {}
     for name in sorted(disks):
         d = disks[name]
-        master = live.get((d.host, d.chunk)) if d.host else None
         rd = disks.get(d.replica) if d.replica else None
-        replica = live.get((rd.host, rd.chunk)) if rd is not None and rd.host else None
         now = actual.get(name)
-        sticky = (
-            failback == "never"
-            and replica is not None
-            and now is not None
-            and is_managed(now)
-            and now.attrs.get("status") == "up"
-            and now.attrs.get("serving") == "replica"
-        )
+        ours = now if now is not None and is_managed(now) else None
         attrs = {MANAGED_ATTR: MANAGED_VALUE, "automount": "1", "persist": "1"}
         if d.replica:
             attrs["replica"] = d.replica
+        # The chunks, primary first: the ndb's master until a promotion.
+        first = (d.host, d.chunk)
+        second = (rd.host, rd.chunk) if rd is not None and rd.host else None
+        # Every disk that is not some disk's replica names the chunk that
+        # takes its writes, at an epoch (geryon.disk.role fences by them).
+        fenced = bool(d.host) and name not in replicas
+        if fenced:
+            have = ours.attrs.get("primary", "") if ours is not None else ""
+            epoch = _epoch_of(ours, live.get(first), live.get(second) if second else None)
+            if second is not None:
+                pair = {_bang(first): first, _bang(second): second}
+                if have in pair:
+                    if have != _bang(first):
+                        first, second = second, first
+                elif _epoch_of(live.get(second)) > _epoch_of(live.get(first)):
+                    # No entry to go by (a new or lost one): the chunk that
+                    # has seen the later epoch holds the later history.
+                    first, second = second, first
+                if name in promote and live.get(second) is not None and live.get(first) is None:
+                    first, second = second, first
+                    epoch += 1
+            if have and have != _bang(first) and not (second and have == _bang(second)):
+                epoch += 1  # the ndb moved the disk: a new epoch
+            attrs.update(primary=_bang(first), epoch=str(epoch))
+            if second is not None:
+                attrs["standby"] = _bang(second)
+        master = live.get(first) if first[0] else None
+        replica = live.get(second) if second is not None else None
+        sticky = (
+            failback == "never"
+            and not fenced  # a replicated disk serves where its writes go
+            and replica is not None
+            and ours is not None
+            and ours.attrs.get("status") == "up"
+            and ours.attrs.get("serving") == "replica"
+        )
         if master is not None and not sticky:
-            attrs.update(host=d.host, chunk=d.chunk, addr=master.name, serving="master")
+            attrs.update(host=first[0], chunk=first[1], addr=master.name, serving="master")
             attrs["status"] = "up"
-        elif replica is not None and rd is not None:
-            attrs.update(host=rd.host, chunk=rd.chunk, addr=replica.name, serving="replica")
+            if fenced and replica is not None:
+                attrs["replica-addr"] = replica.name
+        elif replica is not None and second is not None:
+            attrs.update(host=second[0], chunk=second[1], addr=replica.name, serving="replica")
             attrs["status"] = "up"
         else:
-            if d.host:
-                attrs.update(host=d.host, chunk=d.chunk)
+            if first[0]:
+                attrs.update(host=first[0], chunk=first[1])
             attrs["status"] = "down"
         out[name] = attrs
     return out
+
+
+def _bang(chunk: tuple[str, str]) -> str:
+    return f"{chunk[0]}!{chunk[1]}"
+
+
+def _epoch_of(*entries: Service | None) -> int:
+    """The highest epoch the entry or its chunks (as their agents report) know."""
+    best = 1
+    for s in entries:
+        with contextlib.suppress(ValueError, AttributeError):
+            best = max(best, int(s.attrs.get("epoch", "1")))  # type: ignore[union-attr]
+    return best
 
 
 # ---- the difference (pure) ------------------------------------------------
@@ -293,12 +363,24 @@ class Reconciler:
     ``reconcile()`` is one level-triggered pass; ``run()`` drives it.
     """
 
-    def __init__(self, client: Client, ndb_path: str | os.PathLike[str], *, failback: Failback):
+    def __init__(
+        self,
+        client: Client,
+        ndb_path: str | os.PathLike[str],
+        *,
+        failback: Failback,
+        promote: Promote = "never",
+        tls_dir: str | os.PathLike[str] | None = None,
+    ):
         if failback not in FAILBACKS:
             raise ValueError(f"failback: want one of {FAILBACKS}, got {failback!r}")
+        if promote not in PROMOTES:
+            raise ValueError(f"promote: want one of {PROMOTES}, got {promote!r}")
         self.client = client
         self.path = os.fspath(ndb_path)
         self.failback = failback
+        self.promote = promote
+        self.tls_dir = Path(tls_dir) if tls_dir else None
         # The last good read; None until the first one.
         self.disks: dict[str, Disk] | None = None
         # What to stat for changes: the last good database, or a stand-in
@@ -366,6 +448,22 @@ class Reconciler:
                     actual[name] = s
         chunks, _ = await self.client.find(CHUNK_FILTER)
         desired = desired_entries(disks, chunks, failback=self.failback, actual=actual)
+        if self.promote == "auto":
+            # A replica serving in its primary's place: promoted when it has
+            # everything the primary acknowledged (as it last heard).
+            waiting = [
+                n for n, a in desired.items() if a.get("primary") and a.get("serving") == "replica"
+            ]
+            verdicts = await asyncio.gather(*(self._safe(n, desired[n]["addr"]) for n in waiting))
+            safe = [n for n, ok in zip(waiting, verdicts, strict=True) if ok]
+            if safe:
+                desired = desired_entries(
+                    disks, chunks, failback=self.failback, actual=actual, promote=safe
+                )
+                for n in safe:
+                    if desired[n].get("primary") != actual[n].attrs.get("primary"):
+                        addr = desired[n]["addr"]
+                        log.warning("reconciler: %s: promoting its replica at %s", n, addr)
         actions = plan(desired, actual)
         result = PassResult(disks=len(desired))
         clashes = [str(a) for a in actions if a.kind == "clash"]
@@ -385,6 +483,21 @@ class Reconciler:
                 problems.append(f"{a.kind} {a.name}: {outcome}")
         self._report("write", problems)
         return result
+
+    async def _safe(self, name: str, addr: str) -> bool:
+        try:
+            st = await replication_status(addr, tls_dir=self.tls_dir, limit=PROMOTE_CHECK_S)
+        except (Gone, StyxError, ValueError) as exc:
+            self._report(f"promote {name}", [f"{name}: cannot ask {addr} whether promotion is "
+                                             f"safe: {exc}"])  # fmt: skip
+            return False
+        following = st.get("following")
+        ok = isinstance(following, dict) and bool(following.get("safe"))
+        if not ok:
+            self._report(f"promote {name}", [
+                f"{name}: not promoting {addr}: it may lack changes its primary acknowledged "
+                f"(geryon disk promote --force {name} to take that loss)"])  # fmt: skip
+        return ok
 
     async def _get(self, name: str) -> Service | None:
         try:
@@ -432,6 +545,8 @@ async def run(
     ndb_path: str | os.PathLike[str],
     *,
     failback: Failback = "auto",
+    promote: Promote = "never",
+    tls_dir: str | os.PathLike[str] | None = None,
     resync: float = DEFAULT_RESYNC_S,
     ready: Callable[[int], object] | None = None,
     poll: float = NDB_POLL_S,
@@ -442,7 +557,7 @@ async def run(
     ``ready(n)`` is called once, after the first complete pass, with the
     number of disk names (default: print the ready line on stderr).
     """
-    rec = Reconciler(client, ndb_path, failback=failback)
+    rec = Reconciler(client, ndb_path, failback=failback, promote=promote, tls_dir=tls_dir)
     kick = asyncio.Event()
     kick.set()  # the first pass
 
@@ -531,6 +646,7 @@ async def run_at(
     ndb_path: str | os.PathLike[str],
     *,
     failback: Failback = "auto",
+    promote: Promote = "never",
     resync: float = DEFAULT_RESYNC_S,
     tls_dir: str | os.PathLike[str] | None = "",
     user: str | None = None,
@@ -541,7 +657,10 @@ async def run_at(
     """
     client = Client(target, tls_dir=tls_dir, user=user or MANAGED_VALUE, retry_for=10.0)
     try:
-        await run(client, ndb_path, failback=failback, resync=resync)
+        await run(
+            client, ndb_path, failback=failback, promote=promote, tls_dir=tls_dir or None,
+            resync=resync,
+        )  # fmt: skip
     finally:
         await client.close()
 
@@ -575,7 +694,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="auto",
         choices=FAILBACKS,
         help="point a disk back at its master when it returns (auto, the default) "
-        "or stay on the replica while it lives (never)",
+        "or stay on the replica while it lives (never; not for a replicated disk, "
+        "whose replica takes writes only once promoted)",
+    )
+    p.add_argument(
+        "--promote",
+        default="never",
+        choices=PROMOTES,
+        help="when a replicated disk's primary is gone, promote its replica at once if it "
+        "holds every change the primary acknowledged (auto), or leave it read-only until "
+        "`geryon disk promote` (never, the default)",
     )
     p.add_argument(
         "--resync",
@@ -601,6 +729,7 @@ async def _serve(args: argparse.Namespace) -> int:
             args.registry,
             args.ndb,
             failback=args.failback,
+            promote=args.promote,
             resync=args.resync,
             tls_dir=args.tls_dir or "",
             user=os.environ.get("GERYON_USER"),

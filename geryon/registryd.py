@@ -178,6 +178,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--ndb", type=Path, metavar="FILE", help="also run geryon-reconciler on FILE")
     p.add_argument("--failback", default="auto", choices=["auto", "never"], help="its --failback")
+    p.add_argument(
+        "--promote",
+        default="never",
+        choices=["auto", "never"],
+        help="its --promote (asking chunk servers over plain 9P: for disks on loopback; "
+        "run geryon-reconciler with an admin --tls-dir for disks in TLS)",
+    )
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     args = p.parse_args(argv)
     for flag, default in [
@@ -403,7 +410,8 @@ async def serve(args: argparse.Namespace) -> int:
 
         target = f"unix:{sock}"
         reconciler = asyncio.create_task(
-            run_at(target, args.ndb, failback=args.failback), name="reconciler"
+            run_at(target, args.ndb, failback=args.failback, promote=args.promote),
+            name="reconciler",
         )
 
     stop = asyncio.Event()

@@ -102,6 +102,16 @@ def test_config_errors_name_file_key_and_problem(tmp_path: Path) -> None:
     assert len(got) == len(want)
 
 
+def test_sync_is_a_disk_key(tmp_path: Path) -> None:
+    path = tmp_path / "node.toml"
+    path.write_text(toml({}, [disk("c0", tmp_path, sync=True)]))
+    assert agent_config.load(path).chunks[0].sync is True
+    text = toml({}, [chunk("c0", tmp_path, sync=True)])
+    assert problems(tmp_path, text) == [
+        f"{path}: chunk[0].sync: only for a disk (a chunk without command)"
+    ]
+
+
 def test_registry_is_one_address_or_a_list_of_fronts(tmp_path: Path) -> None:
     path = tmp_path / "node.toml"
     path.write_text(toml({"registry": ["10.0.0.1:6675", "10.0.0.2:6675"]}))

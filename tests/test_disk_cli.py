@@ -299,6 +299,15 @@ async def test_agent_disk_found_by_name(
     assert run_cli("disk", "cat", "d0.mbox:/hello", env=env).stdout == "from host0\n"
     r = run_cli("disk", "cat", "d9.nosuch:/hello", env=env)
     assert r.returncode == 1 and r.stderr == "geryon: disk cat: no disk named d9.nosuch\n"
+    # Unreplicated: its entry names the chunk that takes its writes, and no replica.
+    st = run_cli("disk", "status", "d0.mbox", env=env)
+    assert st.returncode == 0, st.stderr
+    assert "primary  host0!chunk0" in st.stdout and "writable" in st.stdout
+    assert "standby" not in st.stdout
+    pr = run_cli("disk", "promote", "d0.mbox", env=env)
+    assert (pr.returncode, pr.stderr) == (
+        1, "geryon: disk promote: d0.mbox has no replica (its ndb entry names none)\n"
+    )  # fmt: skip
 
     async def df_shows_use() -> str:
         out = run_cli("disk", "df", "d0.mbox", env=env).stdout

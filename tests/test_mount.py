@@ -153,6 +153,7 @@ def test_errno_of_server_strings() -> None:
     assert errno_of("directory not empty") == errno.ENOTEMPTY
     assert errno_of("exclusive use file already open") == errno.EBUSY
     assert errno_of("wstat -- attempt to change owner") == errno.EPERM
+    assert errno_of("file system is read-only: replica of d0.mbox (...)") == errno.EROFS
     assert errno_of("i/o error: disk I/O error") == errno.EIO
 
 

@@ -16,6 +16,7 @@ from geryon import errors
 from geryon.model import Service
 from geryon.ndb import Database
 from geryon.reconciler import (
+    FAILBACKS,
     MANAGED_ATTR,
     MANAGED_VALUE,
     Action,
@@ -82,7 +83,9 @@ def test_read_disks_line_binding_and_non_kfs_entries() -> None:
         ("b", "h1", "b"),
         ("c", "h1", "b"),
     ]
-    assert len(problems) == 1 and problems[0].startswith("f:6: disk name:")
+    assert len(problems) == 2 and problems[0].startswith("f:6: disk name:")
+    # b and c both name h1!c1: one chunk cannot hold two disks.
+    assert problems[1] == "f:1: disk c: chunk h1!c1 is also disk b's (one chunk holds one disk)"
 
 
 def test_read_disks_reports_problems_with_file_and_line() -> None:
@@ -125,6 +128,8 @@ def test_desired_master_up_down_and_failover() -> None:
     base = {**M, "automount": "1", "persist": "1"}
 
     d = desired_entries(disks, [m0, r0])
+    # A disk with a replica is fenced: its primary, standby and epoch, and
+    # where its replica is read (geryon mount --replica).
     assert d["d0.mbox"] == {
         **base,
         "replica": "d0.replica",
@@ -133,6 +138,10 @@ def test_desired_master_up_down_and_failover() -> None:
         "addr": "tcp!host0!6701",
         "status": "up",
         "serving": "master",
+        "primary": "host0!chunk0",
+        "standby": "host1!chunk0",
+        "epoch": "1",
+        "replica-addr": "tcp!host1!6702",
     }
     assert d["d0.replica"] == {
         **base,
@@ -149,6 +158,9 @@ def test_desired_master_up_down_and_failover() -> None:
         "host": "host0",
         "chunk": "chunk1",
         "status": "down",
+        "primary": "host0!chunk1",
+        "standby": "host1!chunk1",
+        "epoch": "1",
     }
 
     # The master gone or critical: the replica's chunk serves.
@@ -159,27 +171,44 @@ def test_desired_master_up_down_and_failover() -> None:
         assert d["d0.mbox"]["status"] == "up"
 
 
-def test_failback_auto_and_never() -> None:
+def test_promotion_swaps_primary_and_standby_at_the_next_epoch() -> None:
     disks = disks_of(CLUSTER)
     m0, r0 = chunk("host0", "chunk0", 6701), chunk("host1", "chunk0", 6702)
     on_replica = desired_entries(disks, [r0])
     actual = {n: managed(n, a) for n, a in on_replica.items()}
+    # Promotion only takes a live standby in a dead primary's place.
+    assert desired_entries(disks, [m0, r0], actual=actual, promote=["d0.mbox"])["d0.mbox"][
+        "epoch"
+    ] == "1"
+    d = desired_entries(disks, [r0], actual=actual, promote=["d0.mbox"])["d0.mbox"]
+    assert (d["primary"], d["standby"], d["epoch"], d["serving"]) == (
+        "host1!chunk0", "host0!chunk0", "2", "master",
+    )  # fmt: skip
+    # The entry carries it from then on: the old master back is the replica.
+    actual = {"d0.mbox": managed("d0.mbox", d)}
+    d = desired_entries(disks, [m0, r0], actual=actual)["d0.mbox"]
+    assert (d["primary"], d["epoch"], d["addr"], d["replica-addr"]) == (
+        "host1!chunk0", "2", "tcp!host1!6702", "tcp!host0!6701",
+    )  # fmt: skip
+    # An agent reporting a later epoch than the entry's (a registry that lost
+    # it) raises the entry's: epochs never go back.
+    reported = chunk("host1", "chunk0", 6702)
+    reported = Service(reported.name, {**reported.attrs, "epoch": "7"})
+    assert desired_entries(disks, [m0, reported], actual=actual)["d0.mbox"]["epoch"] == "7"
 
-    auto = desired_entries(disks, [m0, r0], failback="auto", actual=actual)
-    assert auto["d0.mbox"]["serving"] == "master"
-    never = desired_entries(disks, [m0, r0], failback="never", actual=actual)
-    assert never["d0.mbox"] == on_replica["d0.mbox"]
-    # ... until the replica goes too: then the master, as for a fresh entry.
-    assert (
-        desired_entries(disks, [m0], failback="never", actual=actual)["d0.mbox"]["serving"]
-        == "master"
-    )
-    # An entry that is not ours does not make the choice sticky.
-    foreign = {"d0.mbox": Service("d0.mbox", dict(on_replica["d0.mbox"]) | {MANAGED_ATTR: "x"})}
-    assert (
-        desired_entries(disks, [m0, r0], failback="never", actual=foreign)["d0.mbox"]["serving"]
-        == "master"
-    )
+
+def test_failback_never_does_not_hold_a_replicated_disk_on_its_standby() -> None:
+    """A replica serves reads only until it is promoted: when the primary is
+    back the name goes back to it, whatever --failback says (keeping the
+    replica is what `geryon disk promote` is for)."""
+    disks = disks_of(CLUSTER)
+    m0, r0 = chunk("host0", "chunk0", 6701), chunk("host1", "chunk0", 6702)
+    on_replica = desired_entries(disks, [r0])
+    assert on_replica["d0.mbox"]["serving"] == "replica"
+    actual = {n: managed(n, a) for n, a in on_replica.items()}
+    for failback in FAILBACKS:
+        back = desired_entries(disks, [m0, r0], failback=failback, actual=actual)  # type: ignore[arg-type]
+        assert back["d0.mbox"]["serving"] == "master"
 
 
 def test_desired_state_is_deterministic() -> None:
@@ -345,10 +374,11 @@ async def test_pass_writes_the_difference_and_then_nothing(tmp_path: Path) -> No
     assert (await rec.reconcile()).changes == 1
     assert disk_view(reg)["d0.mbox"]["addr"] == "tcp!host0!7000"
 
-    # A name leaves the ndb file: its entry goes; others' entries are not ours.
+    # A name leaves the ndb file: its entry goes (and d1.replica, no longer a
+    # replica, takes its own writes: primary and epoch); others' entries are not ours.
     reg.add("d9.other", {"addr": "x"}, owner="alice")
     ndb_file(tmp_path, CLUSTER.replace("name=d1.mbox kfs", "name=d1.mbox"))
-    assert (await rec.reconcile()).changes == 1
+    assert (await rec.reconcile()).changes == 2
     assert sorted(disk_view(reg)) == ["d0.mbox", "d0.replica", "d1.replica"]
     assert reg.services["d9.other"].attrs == {"addr": "x"}
 
@@ -451,7 +481,7 @@ async def test_malformed_edit_keeps_the_last_good_state(
     assert not rec.ndb_changed()  # the bad file is not re-read until it changes
     path.write_text(CLUSTER.replace("name=d1.mbox kfs", "name=d1.mbox"))
     assert rec.ndb_changed()
-    assert (await rec.reconcile()).changes == 1
+    assert (await rec.reconcile()).changes == 2  # d1.mbox goes, d1.replica stands alone
     assert "d1.mbox" not in disk_view(reg)
 
 

@@ -114,7 +114,9 @@ async def test_names_follow_chunks_fail_over_and_leave_with_the_ndb_file(
         # Names appear when chunks register.
         await c.register(M0, chunk_attrs("host0", "chunk0"), lease=lease.id)
         await c.register(R0, chunk_attrs("host1", "chunk0", health="passing"), lease=lease.id)
-        d0 = await eventually(has(c, "d0.mbox", addr=M0, status="up", serving="master"))
+        d0 = await eventually(
+            has(c, "d0.mbox", addr=M0, status="up", serving="master", **{"replica-addr": R0})
+        )
         assert d0 == {
             "managed-by": "reconciler",
             "host": "host0",
@@ -125,6 +127,11 @@ async def test_names_follow_chunks_fail_over_and_leave_with_the_ndb_file(
             "replica": "d0.replica",
             "status": "up",
             "serving": "master",
+            # Replicated: which chunk takes writes at which epoch, and the replica's address.
+            "primary": "host0!chunk0",
+            "standby": "host1!chunk0",
+            "epoch": "1",
+            "replica-addr": R0,
         }
         assert (await c.get("d0.mbox")).persistent
         await eventually(has(c, "d0.replica", addr=R0, serving="master"))
@@ -188,10 +195,11 @@ async def test_restarts_of_registry_and_reconciler_converge(
         # d1.mbox going up shows a pass that saw M0 back (it registered first).
         await c.register("tcp!127.0.0.1!6703", chunk_attrs("host0", "chunk1"), lease=lease.id)
         await eventually(has(c, "d1.mbox", status="up"))
-        # --failback never: the replica keeps serving d0.mbox while it lives.
-        assert (await entry(c, "d0.mbox") or {}).get("addr") == R0
-        await c.unregister(R0)
+        # d0.mbox is replicated: its primary back, it serves, --failback never
+        # or not (its replica takes no writes until promoted).
         await eventually(has(c, "d0.mbox", addr=M0, serving="master"))
+        await c.unregister(R0)
+        await eventually(has(c, "d0.mbox", addr=M0, serving="master", **{"replica-addr": None}))
 
         # The reconciler is down while things change; a new one converges.
         rec.kill9()
@@ -269,13 +277,14 @@ async def each_change_once(c: Client) -> None:
         await eventually(has(c, "d0.mbox", addr=R0))
         await c.unregister(R0)
         await eventually(has(c, "d0.mbox", status="down"))
-        await eventually(lambda: len(seen(got)) >= 5)
+        await eventually(lambda: len(seen(got)) >= 6)
         # A flap written by now has shown: the watch vouches (a progress
         # notice) for every revision up to the registry's present one.
         _, now = await c.find()
         await eventually(lambda: progressed(got) >= now)
         assert seen(got) == [
             ("PUT", "up", "master", M0),
+            ("PUT", "up", "master", M0),  # the replica's address, once it is live
             ("PUT", "up", "replica", R0),
             ("PUT", "up", "master", M0),
             ("PUT", "up", "replica", R0),

@@ -13,8 +13,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import json
 import ssl
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
 
 from geryon import errors, tls
@@ -358,16 +359,53 @@ class Remote:
             await self.clunk(fid)
 
 
+def replica_addr(attrs: Mapping[str, str]) -> str | None:
+    """A replicated disk's live replica, from its entry's ATTRS:
+    ``replica-addr`` beside a live primary, or ``addr`` itself while the
+    replica serves in the primary's place."""
+    if attrs.get("serving") == "replica":
+        return attrs.get("addr") or None
+    return attrs.get("replica-addr") or None
+
+
 async def connect(
-    addr: str, *, uname: str, tls_dir: Path | None = None, limit: float = CONNECT_TIMEOUT
+    addr: str,
+    *,
+    uname: str,
+    tls_dir: Path | None = None,
+    limit: float = CONNECT_TIMEOUT,
+    aname: str = "",
 ) -> Remote:
     """Dial ADDR (over TLS with TLS_DIR's identity) and attach as UNAME."""
     conn = await Conn.dial(addr, ssl_ctx=client_ssl(tls_dir) if tls_dir else None, limit=limit)
     try:
-        return await Remote.attach(conn, uname)
+        return await Remote.attach(conn, uname, aname)
     except BaseException:
         await conn.close()
         raise
 
 
-__all__ = ["Conn", "Gone", "Remote", "StyxError", "connect", "parse_addr"]
+async def replication_status(
+    addr: str, *, tls_dir: Path | None = None, limit: float = CONNECT_TIMEOUT
+) -> dict[str, object]:
+    """A chunk server's replication state: its log tree's ``status`` file."""
+    r = await connect(addr, uname="log", tls_dir=tls_dir, limit=limit, aname="log")
+    try:
+        async with asyncio.timeout(limit):
+            return dict(json.loads(await r.read_file("status")))
+    except TimeoutError:
+        raise Gone(f"{addr}: no status in {limit:g}s") from None
+    finally:
+        await r.conn.close()
+
+
+__all__ = [
+    "Conn",
+    "Gone",
+    "Remote",
+    "StyxError",
+    "connect",
+    "parse_addr",
+    "replica_addr",
+    "replication_status",
+]

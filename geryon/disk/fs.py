@@ -13,12 +13,22 @@ write, or a sync wstat), when one FULL commit flushes the log. The log
 into the chunk file when the server stops.
 
 Tables:
-    meta(k, v)                 magic, version, capacity, owner, created
+    meta(k, v)                 magic, version, capacity, owner, created, and
+                               for replication (geryon.disk.log): uuid, seq (the
+                               last change's number), epoch, horizon
     file(path, parent, name, mode, uid, gid, muid, atime, mtime, vers, length)
                                one row per file; path is the qid path (never
                                reused: AUTOINCREMENT); the root is its own parent
     block(file, n, data)       bytes [n*BLOCK, n*BLOCK+len(data)) of a file; a
                                missing block, or bytes past its data, read as zeros
+    changed(kind, file, n, seq)  the change log: for each file row (kind 0) and
+                               block (kind 1) ever written, the seq of its last
+                               change, kept by triggers; a row that is gone is a
+                               tombstone. A follower at seq S needs the rows
+                               changed after S, as they are now.
+    epochs(start, epoch, id)   terms: each time a server took the primary role,
+                               the first seq it wrote, the registry's epoch
+                               then, and a random id (geryon.disk.log)
 
 Permissions are Plan 9's (stat(5), fossil's permFile): a bit is granted if
 the owner's, a group member's or anyone's class grants it; the user ``none``
@@ -35,7 +45,8 @@ import fcntl
 import os
 import sqlite3
 import time
-from collections.abc import Iterator
+import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,7 +68,7 @@ from geryon.disk.styx import (
 )
 
 MAGIC = "geryon-disk"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 BLOCK = 64 * 1024
 PAGE = 4096
 MIN_CAPACITY = 256 * 1024
@@ -76,6 +87,8 @@ EISDIR = "file is a directory"
 ENOTEMPTY = "directory not empty"
 EFULL = "file system full"
 ERDONLY = "file system is read-only"
+# A follower's refusal (the detail follows the colon; mount maps it to EROFS).
+EREPLICA = ERDONLY + ": "
 ENAME = "bad character in file name"
 EINUSE = "exclusive use file already open"
 EBADMODE = "bad open mode"
@@ -143,6 +156,34 @@ CREATE TABLE file(
 CREATE TABLE block(file INTEGER NOT NULL, n INTEGER NOT NULL, data BLOB NOT NULL,
                    PRIMARY KEY(file, n));
 """
+# Version 2: the change log, kept by triggers so no path that writes can miss it.
+_LOG_SCHEMA = [
+    "CREATE TABLE changed(kind INTEGER NOT NULL, file INTEGER NOT NULL, n INTEGER NOT NULL,"
+    " seq INTEGER NOT NULL, PRIMARY KEY(kind, file, n)) WITHOUT ROWID",
+    "CREATE INDEX changed_seq ON changed(seq)",
+    "CREATE TABLE epochs(start INTEGER PRIMARY KEY, epoch INTEGER NOT NULL, id TEXT NOT NULL)",
+] + [
+    f"CREATE TRIGGER {table}_{op.lower()} AFTER {op} ON {table} BEGIN INSERT OR REPLACE "
+    f"INTO changed VALUES ({key.format(r=r)}, (SELECT v FROM meta WHERE k = 'seq')); END"
+    for table, key in (("file", "0, {r}.path, 0"), ("block", "1, {r}.file, {r}.n"))
+    for op, r in (("INSERT", "NEW"), ("UPDATE", "NEW"), ("DELETE", "OLD"))
+]
+
+
+def _add_log(db: sqlite3.Connection) -> None:
+    """Version 1 -> 2 (and format): the change log. A new disk's rows are at
+    seq 0 (what format wrote); an upgraded disk's at seq 1 (written by someone)."""
+    for statement in _LOG_SCHEMA:  # (executescript would commit the transaction)
+        db.execute(statement)
+    seq = 1 if db.execute("SELECT 1 FROM file LIMIT 1").fetchone() else 0
+    db.execute("INSERT OR IGNORE INTO meta VALUES ('seq', ?)", (seq,))
+    db.execute("INSERT OR IGNORE INTO meta VALUES ('epoch', 1)")
+    db.execute("INSERT OR IGNORE INTO meta VALUES ('horizon', 0)")
+    db.execute("INSERT OR IGNORE INTO meta VALUES ('uuid', ?)", (uuid.uuid4().hex,))
+    db.execute("INSERT OR IGNORE INTO epochs VALUES (0, 1, ?)", (uuid.uuid4().hex[:16],))
+    db.execute("INSERT OR IGNORE INTO changed SELECT 0, path, 0, ? FROM file", (seq,))
+    db.execute("INSERT OR IGNORE INTO changed SELECT 1, file, n, ? FROM block", (seq,))
+    db.execute("INSERT OR REPLACE INTO meta VALUES ('version', ?)", (FORMAT_VERSION,))
 
 
 def _now() -> int:
@@ -252,9 +293,10 @@ def format(
         db.executescript("BEGIN;" + _SCHEMA + "COMMIT;")
         now = _now()
         with _tx(db):
+            _add_log(db)
             db.executemany(
                 "INSERT INTO meta VALUES (?, ?)",
-                [("magic", MAGIC), ("version", FORMAT_VERSION), ("capacity", capacity),
+                [("magic", MAGIC), ("capacity", capacity),
                  ("owner", owner), ("created", now), ("syncs", 0)],
             )  # fmt: skip
             ins = f"INSERT INTO file({_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?,?)"
@@ -308,6 +350,8 @@ class Usage:
     capacity: int
     used: int
     files: int
+    seq: int = 0  # the last change's number: the disk's position
+    epoch: int = 1
 
 
 def usage(path: Path) -> Usage:
@@ -320,9 +364,10 @@ def usage(path: Path) -> Usage:
 
 
 def _usage(db: sqlite3.Connection) -> Usage:
-    (capacity,) = db.execute("SELECT v FROM meta WHERE k = 'capacity'").fetchone()
+    meta = dict(db.execute("SELECT k, v FROM meta WHERE k IN ('capacity', 'seq', 'epoch')"))
     (files,) = db.execute("SELECT count(*) FROM file").fetchone()
-    return Usage(int(capacity), _pages_used(db), files)
+    return Usage(int(meta["capacity"]), _pages_used(db), files, int(meta.get("seq", 0)),
+                 int(meta.get("epoch", 1)))  # fmt: skip
 
 
 class Disk:
@@ -340,10 +385,22 @@ class Disk:
             self.read_only = read_only
             self.unsynced = False  # a change committed but not yet flushed
             meta = dict(self.db.execute("SELECT k, v FROM meta"))
+            if int(meta.get("version", 0)) == 1 and not read_only:
+                with _tx(self.db):
+                    _add_log(self.db)
+                meta = dict(self.db.execute("SELECT k, v FROM meta"))
             if int(meta.get("version", 0)) != FORMAT_VERSION:
                 raise NotADisk(f"{path}: disk format {meta.get('version')} is not {FORMAT_VERSION}")
             self.capacity = int(meta["capacity"])
             self.owner = str(meta["owner"])
+            self.uuid = str(meta["uuid"])
+            self.seq = int(meta["seq"])  # the last change's number
+            self.epoch = int(meta["epoch"])
+            # Why writes are refused now ("" when they are not): a follower,
+            # or a server not (yet) named by its disk's entry at its epoch.
+            self.frozen = ""
+            # Called with the seq after each commit (the server wakes followers).
+            self.on_commit: Callable[[int], None] | None = None
             if not read_only:
                 self.db.execute("PRAGMA journal_mode = WAL")
                 self.db.execute("PRAGMA synchronous = NORMAL")
@@ -456,33 +513,43 @@ class Disk:
 
     def check_open(self, e: Entry, mode: int, who: Caller) -> None:
         bits = self.open_bits(e, mode)
-        if bits & 2 and self.read_only:
-            raise FSError(ERDONLY)
+        if bits & 2:
+            self.check_writable()
         if not self.allowed(e, who, bits):
             raise FSError(EPERM)
         if mode & ORCLOSE:
             self._check_remove(e, who)
 
     # -- changing ----------------------------------------------------------
-    @contextlib.contextmanager
-    def _change(self, *, durable: bool = True) -> Iterator[None]:
-        """One request's changes: all or nothing; a full disk is ENOSPC's string.
-        Unless DURABLE is False (an access time), the next sync must flush."""
+    def check_writable(self) -> None:
         if self.read_only:
             raise FSError(ERDONLY)
+        if self.frozen:
+            raise FSError(EREPLICA + self.frozen)
+
+    @contextlib.contextmanager
+    def _change(self, *, durable: bool = True) -> Iterator[None]:
+        """One request's changes, as the next seq: all or nothing; a full disk
+        is ENOSPC's string. Unless DURABLE is False (an access time), the next
+        sync must flush."""
+        self.check_writable()
         try:
             with _tx(self.db):
+                self.db.execute("UPDATE meta SET v = ? WHERE k = 'seq'", (self.seq + 1,))
                 yield
         except sqlite3.OperationalError as exc:
             if exc.sqlite_errorcode == sqlite3.SQLITE_FULL:
                 raise FSError(EFULL) from None
             raise
+        self.seq += 1
         if durable:
             self.unsynced = True
+        if self.on_commit is not None:
+            self.on_commit(self.seq)
 
     def opened(self, e: Entry, mode: int, who: Caller) -> Entry:
         """After check_open: truncate on OTRUNC; note the access time."""
-        if self.read_only:
+        if self.read_only or self.frozen:
             return e
         # An access time alone is not worth a flush: a crash may lose it.
         with self._change(durable=bool(mode & OTRUNC)):
@@ -626,8 +693,7 @@ class Disk:
             raise FSError("wstat -- attempt to change type or dev")
         if all(v is None for v in (name, length, mode, mtime, gid)):
             return
-        if self.read_only:
-            raise FSError(ERDONLY)
+        self.check_writable()
         owner = who.name == e.uid and who.name != users_mod.NONE
         leader = self.users.leader(who.name, e.gid) or (who.admin and e.gid == users_mod.ADM)
         parent = self.entry(e.parent)
@@ -690,8 +756,8 @@ class Disk:
     def sync(self) -> None:
         """Make every change so far durable: one FULL commit flushes the log
         (and every commit before it). Nothing to do when nothing changed."""
-        if self.read_only or not self.unsynced:
-            return
+        if self.read_only or not self.unsynced or self.frozen:
+            return  # (a follower's applier makes its own commits durable)
         self.db.execute("PRAGMA synchronous = FULL")
         try:
             with _tx(self.db):

@@ -47,7 +47,15 @@ from typing import Any, TypeVar
 from geryon import errors
 from geryon.client import Backoff, Client
 from geryon.disk import fs, styx
-from geryon.disk.client import CONNECT_TIMEOUT, Conn, Gone, Remote, StyxError, client_ssl
+from geryon.disk.client import (
+    CONNECT_TIMEOUT,
+    Conn,
+    Gone,
+    Remote,
+    StyxError,
+    client_ssl,
+    replica_addr,
+)
 from geryon.disk.styx import DMDIR, ORDWR, OREAD, OTRUNC, OWRITE, Fcall, Stat
 from geryon.model import EventType, Service
 
@@ -69,6 +77,7 @@ ATTR_TIMEOUT = 1.0
 BLKSIZE = 128 * 1024  # FUSE's largest write: cp sizes its buffer by this
 STATFS_BLOCK = 4096
 MIN_ATTEMPT = 1.0  # a request started just before its call's deadline still gets this
+PROMOTION_RETRY_S = 0.05  # asking a just-promoted primary again (see DiskFS._run)
 CHUNK_ATTRS_TTL = 5.0  # how long the chunk entry's size/used are reused by statfs
 
 # The server's error strings (geryon.disk.fs, Plan 9's own) as errnos.
@@ -91,6 +100,8 @@ def errno_of(ename: str) -> int:
     """The errno for a 9P error string; EIO for any the table does not know."""
     if ename.startswith("wstat -- attempt to change"):  # owner, atime, qid...
         return errno.EPERM
+    if ename.startswith(fs.EREPLICA):  # a replica until promoted: says whose
+        return errno.EROFS
     return ERRNO.get(ename, errno.EIO)
 
 
@@ -109,11 +120,13 @@ class MountError(Exception):
     """Why a mount could not be made: one line for the user."""
 
 
-def usable_addr(entry: Service | None) -> str | None:
+def usable_addr(entry: Service | None, *, replica: bool = False) -> str | None:
     """Where ENTRY says its disk is, if it is usable (as geryon.resolve judges
-    it: status=down, or no addr, is unusable)."""
+    it: status=down, or no addr, is unusable); with REPLICA, its replica."""
     if entry is None or entry.attrs.get("status") == "down":
         return None
+    if replica:
+        return replica_addr(entry.attrs)
     return entry.attrs.get("addr") or None
 
 
@@ -141,8 +154,10 @@ class Link:
         uname: str,
         ssl_ctx: ssl.SSLContext | None,
         wait: float,
+        replica: bool = False,
     ) -> None:
         self.name = name
+        self.replica = replica
         self.client = client
         self.uname = uname
         self.ssl_ctx = ssl_ctx
@@ -162,9 +177,10 @@ class Link:
     async def first(self, entry: Service) -> None:
         """The first connection, made before the mount: its failure is the user's error."""
         self.entry = entry
-        self.addr = usable_addr(entry)
+        self.addr = usable_addr(entry, replica=self.replica)
         if self.addr is None:
-            raise MountError(f"{self.name} has no usable addr")
+            what = "no live replica" if self.replica else "no usable addr"
+            raise MountError(f"{self.name} has {what}")
         try:
             remote = await self._dial(self.addr)
         except Gone as exc:
@@ -295,7 +311,7 @@ class Link:
 
     def _set_entry(self, entry: Service | None) -> None:
         self.entry = entry
-        addr = usable_addr(entry)
+        addr = usable_addr(entry, replica=self.replica)
         if addr != self.addr:
             why = "deleted" if entry is None else "down" if addr is None else f"at {addr}"
             log.info("%s: the entry says %s", self.name, why)
@@ -533,7 +549,24 @@ class DiskFS(_Base):
                     self.conn_link.lost(remote, f"no answer in {ends - started:.1f}s")
                 raise _fuse_error(errno.EIO) from None
             except StyxError as exc:
+                if self._promotion_in_flight(str(exc)) and loop.time() < deadline:
+                    # Refused, so nothing changed: ask again once the server
+                    # has heard what the entry already says.
+                    await asyncio.sleep(PROMOTION_RETRY_S)
+                    continue
                 raise _fuse_error(errno_of(str(exc))) from None
+
+    def _promotion_in_flight(self, ename: str) -> bool:
+        """A replica's refusal while the entry says the chunk we reach serves
+        as the primary: a promotion its server has not heard of yet."""
+        entry = self.conn_link.entry
+        return (
+            ename.startswith(fs.EREPLICA)
+            and not self.conn_link.replica
+            and entry is not None
+            and entry.attrs.get("serving") == "master"
+            and self.conn_link.remote_addr == self.conn_link.addr
+        )
 
     @staticmethod
     async def _send(remote: Remote, attempt: _Attempt, f: Fcall) -> Fcall:
@@ -989,6 +1022,7 @@ class Options:
     timeout: float = 10.0  # for the registry, as everywhere
     uname: str = ""
     wait: float = 10.0
+    replica: bool = False  # read NAME's replica, read-only
 
 
 def mounts() -> dict[str, str]:
@@ -1025,7 +1059,8 @@ async def mount(opts: Options, *, ready: Callable[[], None] | None = None) -> No
     client = Client(opts.registry, tls_dir=opts.tls_dir or "", user=opts.user,
                     retry_for=opts.timeout)  # fmt: skip
     ssl_ctx = client_ssl(opts.tls_dir) if opts.tls_dir else None
-    link = Link(opts.name, client, uname=opts.uname, ssl_ctx=ssl_ctx, wait=opts.wait)
+    link = Link(opts.name, client, uname=opts.uname, ssl_ctx=ssl_ctx, wait=opts.wait,
+                replica=opts.replica)  # fmt: skip
     ops: DiskFS | None = None
     try:
         try:
@@ -1047,6 +1082,8 @@ async def mount(opts: Options, *, ready: Callable[[], None] | None = None) -> No
             raise MountError(f"cannot make {point}: {exc.strerror}") from None
         # No default_permissions: the disk's /adm/users decides, as over 9P.
         options = {f"fsname={opts.name}", "subtype=geryon"}
+        if opts.replica:
+            options.add("ro")
         try:
             pyfuse3.init(ops, point, options)
         except RuntimeError as exc:

@@ -17,7 +17,14 @@ not change anything); over plain 9P, the attach uname. A name the disk's
 /adm/users does not know is refused at attach.
 
 Durability: a clunk of a fid that wrote, and a Twstat that touches nothing,
-are answered only once every change so far is on disk (Disk.sync).
+are answered only once every change so far is on disk (Disk.sync) -- and, in
+synchronous mode, on a follower's disk too (geryon.disk.logtree).
+
+Replication: aname ``log`` attaches to the log tree (geryon.disk.logtree)
+that followers read the change log from; it is for node and admin
+identities only. A handler that must wait (a follower's long poll, a write
+held for a follower) returns a coroutine, which the connection's loop
+awaits before it reads that connection's next request.
 """
 
 from __future__ import annotations
@@ -28,12 +35,12 @@ import logging
 import signal
 import sqlite3
 import ssl
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from geryon import errors, tls
-from geryon.disk import styx
+from geryon.disk import logtree, styx
 from geryon.disk.fs import (
     EINUSE,
     ENOTOPEN,
@@ -43,7 +50,10 @@ from geryon.disk.fs import (
     Entry,
     FSError,
 )
+from geryon.disk.logtree import LogFid
 from geryon.disk.styx import DMEXCL, ORCLOSE, Fcall, ProtocolError
+
+Reply = Fcall | Awaitable[Fcall]
 
 log = logging.getLogger("geryon.disk")
 
@@ -83,9 +93,11 @@ class Session:
         self.identity = identity
         self.peer = peer
         self.msize = 0
-        self.fids: dict[int, Fid] = {}
+        self.fids: dict[int, Fid | LogFid] = {}
+        name = identity.name if identity is not None else peer
+        self.tree = logtree.Tree(server.replication, name)
 
-    def dispatch(self, f: Fcall) -> Fcall:
+    def dispatch(self, f: Fcall) -> Reply:
         try:
             if f.type == styx.Tversion:
                 return self.version(f)
@@ -103,20 +115,44 @@ class Session:
             log.error("disk: %s: %s: %s", self.server.disk.path, styx.NAMES[f.type], exc)
             return Fcall(styx.Rerror, f.tag, ename=f"i/o error: {exc}")
 
+    async def finish(self, f: Fcall, reply: Awaitable[Fcall]) -> Fcall:
+        """A handler's coroutine, its errors answered as dispatch answers them."""
+        try:
+            return await reply
+        except FSError as exc:
+            return Fcall(styx.Rerror, f.tag, ename=str(exc))
+        except sqlite3.Error as exc:
+            log.error("disk: %s: %s: %s", self.server.disk.path, styx.NAMES[f.type], exc)
+            return Fcall(styx.Rerror, f.tag, ename=f"i/o error: {exc}")
+
     def clunk_all(self) -> None:
-        for fid in list(self.fids):
+        for n in list(self.fids):
+            fid = self.fids.pop(n)
+            if isinstance(fid, LogFid):
+                self.tree.close(fid)
+                continue
             with contextlib.suppress(FSError):
-                self._clunk(self.fids.pop(fid))
+                self._clunk(fid)
 
     @property
     def disk(self) -> Disk:
         return self.server.disk
 
-    def fid(self, n: int) -> Fid:
+    def any_fid(self, n: int) -> Fid | LogFid:
         try:
             return self.fids[n]
         except KeyError:
             raise FSError(EUNKNOWNFID) from None
+
+    def fid(self, n: int) -> Fid:
+        fid = self.any_fid(n)
+        if isinstance(fid, LogFid):
+            raise FSError(EPERM)
+        return fid
+
+    async def _durable(self, reply: Fcall) -> Fcall:
+        await self.server.replication.durable()
+        return reply
 
     def new_fid(self, n: int) -> None:
         if n in self.fids or n == styx.NOFID:
@@ -150,6 +186,11 @@ class Session:
         self.new_fid(f.fid)
         if f.afid != styx.NOFID:
             raise FSError(ENOAUTH)
+        if f.aname == "log":
+            if self.identity is not None and self.identity.role not in ("node", "admin"):
+                raise FSError(EPERM)
+            self.fids[f.fid] = LogFid()
+            return Fcall(styx.Rattach, f.tag, qid=logtree.qid(0))
         if f.aname not in ("", "/"):
             raise FSError(EATTACH)
         if self.identity is not None:
@@ -167,13 +208,22 @@ class Session:
         return Fcall(styx.Rflush, f.tag)
 
     def walk(self, f: Fcall) -> Fcall:
-        fid = self.fid(f.fid)
-        if fid.mode >= 0:
+        any_fid = self.any_fid(f.fid)
+        if any_fid.mode >= 0:
             raise FSError(EWALKOPEN)
         if f.newfid != f.fid:
             self.new_fid(f.newfid)
         if len(f.wname) > styx.MAXWELEM:
             raise FSError("too many names in walk")
+        if isinstance(any_fid, LogFid):
+            wqid = logtree.walk(any_fid, f.wname)
+            if not wqid and f.wname:
+                raise FSError("file does not exist")
+            if len(wqid) == len(f.wname):
+                file = wqid[-1].path & 0xFF if wqid else any_fid.file
+                self.fids[f.newfid] = LogFid(0 if wqid and wqid[-1].type else file)
+            return Fcall(styx.Rwalk, f.tag, wqid=wqid)
+        fid = any_fid
         e = self.disk.entry(fid.entry.path)
         qids = []
         for i, name in enumerate(f.wname):
@@ -188,9 +238,13 @@ class Session:
         return Fcall(styx.Rwalk, f.tag, wqid=qids)
 
     def open(self, f: Fcall) -> Fcall:
-        fid = self.fid(f.fid)
-        if fid.mode >= 0:
+        any_fid = self.any_fid(f.fid)
+        if any_fid.mode >= 0:
             raise FSError(EOPEN)
+        if isinstance(any_fid, LogFid):
+            any_fid.mode = f.mode & 3
+            return Fcall(styx.Ropen, f.tag, qid=logtree.qid(any_fid.file), iounit=self.iounit())
+        fid = any_fid
         e = self.disk.entry(fid.entry.path)
         self.disk.check_open(e, f.mode, fid.who)
         if self.disk.open_bits(e, f.mode) & 2 or f.mode & ORCLOSE:
@@ -233,8 +287,18 @@ class Session:
         fid.entry, fid.mode, fid.wrote = e, f.mode, True
         return Fcall(styx.Rcreate, f.tag, qid=e.qid, iounit=self.iounit())
 
-    def read(self, f: Fcall) -> Fcall:
-        fid = self.fid(f.fid)
+    def read(self, f: Fcall) -> Reply:
+        any_fid = self.any_fid(f.fid)
+        if isinstance(any_fid, LogFid):
+            if any_fid.mode < 0:
+                raise FSError(ENOTOPEN)
+
+            async def long_read(fid: LogFid = any_fid) -> Fcall:
+                data = await self.tree.read(fid, f.offset, min(f.count, self.iounit()))
+                return Fcall(styx.Rread, f.tag, data=data)
+
+            return long_read()
+        fid = any_fid
         if fid.mode < 0 or (fid.mode & 3) not in (styx.OREAD, styx.ORDWR, styx.OEXEC):
             raise FSError(ENOTOPEN)
         count = min(f.count, self.iounit())
@@ -262,16 +326,26 @@ class Session:
         return Fcall(styx.Rread, f.tag, data=b"".join(out))
 
     def write(self, f: Fcall) -> Fcall:
-        fid = self.fid(f.fid)
+        any_fid = self.any_fid(f.fid)
+        if isinstance(any_fid, LogFid):
+            if any_fid.mode not in (styx.OWRITE, styx.ORDWR):
+                raise FSError(ENOTOPEN)
+            return Fcall(styx.Rwrite, f.tag, count=self.tree.write(any_fid, bytes(f.data)))
+        fid = any_fid
         if fid.mode < 0 or (fid.mode & 3) not in (styx.OWRITE, styx.ORDWR):
             raise FSError(ENOTOPEN)
         n = self.disk.write(fid.entry, f.offset, f.data[: self.iounit()], fid.who)
         fid.wrote = True
         return Fcall(styx.Rwrite, f.tag, count=n)
 
-    def clunk(self, f: Fcall) -> Fcall:
-        self._clunk(self.fids.pop(f.fid, None) or self.fid(f.fid))
-        return Fcall(styx.Rclunk, f.tag)
+    def clunk(self, f: Fcall) -> Reply:
+        fid = self.fids.pop(f.fid, None) or self.any_fid(f.fid)
+        if isinstance(fid, LogFid):
+            self.tree.close(fid)
+            return Fcall(styx.Rclunk, f.tag)
+        self._clunk(fid)
+        reply = Fcall(styx.Rclunk, f.tag)
+        return self._durable(reply) if fid.wrote else reply
 
     def _clunk(self, fid: Fid) -> None:
         """Release FID; a clunk that follows writes returns once they are durable."""
@@ -285,8 +359,11 @@ class Session:
             if self.disk.is_users_file(fid.entry.path) and self.disk.users_error:
                 raise FSError(f"{self.disk.users_error} (the old table stays in force)")
 
-    def remove(self, f: Fcall) -> Fcall:
-        fid = self.fids.pop(f.fid, None) or self.fid(f.fid)
+    def remove(self, f: Fcall) -> Reply:
+        fid = self.fids.pop(f.fid, None) or self.any_fid(f.fid)
+        if isinstance(fid, LogFid):
+            self.tree.close(fid)
+            raise FSError(EPERM)
         # The fid is clunked even when the remove fails (remove(5)).
         try:
             self.writable(fid.who)
@@ -294,10 +371,13 @@ class Session:
             self.disk.sync()
         finally:
             self._release(fid)
-        return Fcall(styx.Rremove, f.tag)
+        return self._durable(Fcall(styx.Rremove, f.tag))
 
     def stat(self, f: Fcall) -> Fcall:
-        fid = self.fid(f.fid)
+        any_fid = self.any_fid(f.fid)
+        if isinstance(any_fid, LogFid):
+            return Fcall(styx.Rstat, f.tag, stat=logtree.stat(any_fid.file))
+        fid = any_fid
         return Fcall(styx.Rstat, f.tag, stat=self.disk.entry(fid.entry.path).stat())
 
     def wstat(self, f: Fcall) -> Fcall:
@@ -311,10 +391,10 @@ class Session:
         self.disk.wstat(fid.entry, st, fid.who)
         self.disk.sync()
         fid.entry = self.disk.entry(fid.entry.path)
-        return Fcall(styx.Rwstat, f.tag)
+        return self._durable(Fcall(styx.Rwstat, f.tag))
 
 
-_HANDLERS: dict[int, Callable[[Session, Fcall], Fcall]] = {
+_HANDLERS: dict[int, Callable[[Session, Fcall], Reply]] = {
     styx.Tauth: Session.auth,
     styx.Tattach: Session.attach,
     styx.Tflush: Session.flush,
@@ -330,17 +410,25 @@ _HANDLERS: dict[int, Callable[[Session, Fcall], Fcall]] = {
 }
 
 
+class RoleLost(Exception):
+    """The task keeping the disk's role ended: the server stops."""
+
+
 class ChunkServer:
     """A disk and the sessions on it."""
 
-    def __init__(self, disk: Disk, *, ssl_ctx: ssl.SSLContext | None = None) -> None:
+    def __init__(
+        self, disk: Disk, *, ssl_ctx: ssl.SSLContext | None = None, sync: bool = False
+    ) -> None:
         self.disk = disk
         self.ssl = ssl_ctx
+        self.replication = logtree.Replication(disk, sync=sync)
         self.exclusive: set[int] = set()  # qid paths of DMEXCL files open now
         self.sessions: dict[asyncio.Task[None], asyncio.StreamWriter] = {}
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        peer = str(writer.get_extra_info("peername"))
+        name = writer.get_extra_info("peername")
+        peer = f"{name[0]}:{name[1]}" if isinstance(name, tuple) else str(name)
         identity: tls.Identity | None = None
         if self.ssl is not None:
             try:
@@ -359,6 +447,11 @@ class ChunkServer:
             await self._serve(session, reader, writer)
         except (ConnectionError, asyncio.IncompleteReadError, ssl.SSLError):
             pass
+        except asyncio.CancelledError:
+            # stop_sessions ended a waiting request: the session simply ends
+            # (a cancelled connection callback would be logged as an error).
+            if task.uncancel() > 0:
+                raise
         finally:
             self.sessions.pop(task, None)
             with contextlib.suppress(Exception):
@@ -367,11 +460,14 @@ class ChunkServer:
 
     async def stop_sessions(self) -> None:
         """End every session and wait until they are gone: hanging up makes
-        each one's next read fail (a request in progress runs to its end, as
-        requests have no await in them)."""
+        each one's next read fail (a request in progress runs to its end; one
+        waiting -- a follower's long poll, a write held for a follower -- ends
+        with its connection)."""
         tasks = list(self.sessions)
         for writer in self.sessions.values():
             writer.close()
+        for t in tasks:  # a request waiting (never one mid-change) ends now
+            t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _serve(
@@ -399,7 +495,12 @@ class ChunkServer:
                     if f.type % 2 or f.type == styx.Terror:  # an R-message sent to us
                         reply = Fcall(styx.Rerror, tag, ename=EBOTCH)
                     else:
-                        reply = session.dispatch(f)
+                        answer = session.dispatch(f)
+                        reply = (
+                            answer if isinstance(answer, Fcall) else await session.finish(f, answer)
+                        )
+            if writer.is_closing():  # hung up while the reply was awaited
+                return
             writer.write(styx.pack(reply))
             await writer.drain()
 
@@ -414,14 +515,18 @@ async def serve(
     *,
     tls_dir: Path | None = None,
     read_only: bool = False,
+    sync: bool = False,
     ready: Callable[[int], None] | None = None,
     stop: asyncio.Event | None = None,
+    beside: Callable[[ChunkServer], Awaitable[None]] | None = None,
 ) -> None:
     """Serve CHUNK on HOST:PORT (HOST * for every address) until STOP is set
-    (or SIGTERM/SIGINT when none is given)."""
+    (or SIGTERM/SIGINT when none is given). BESIDE(server) runs alongside
+    (the role a registry gives the disk: geryon.disk.role)."""
     disk = Disk(chunk, read_only=read_only)
     ctx = tls.ssl_context(tls_dir, server=True) if tls_dir is not None else None
-    cs = ChunkServer(disk, ssl_ctx=ctx)
+    cs = ChunkServer(disk, ssl_ctx=ctx, sync=sync)
+    side = asyncio.create_task(beside(cs), name="chunk-role") if beside is not None else None
     try:
         server = await asyncio.start_server(
             cs.handle, None if host == "*" else host, port, ssl=ctx, limit=MSIZE + 64
@@ -435,9 +540,19 @@ async def serve(
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, stop.set)
         async with server:
-            await stop.wait()
+            waiter = asyncio.create_task(stop.wait(), name="chunk-stop")
+            await asyncio.wait({waiter, *([side] if side else [])}, return_when="FIRST_COMPLETED")
+            waiter.cancel()
             server.close()
             await cs.stop_sessions()
+            if side is not None and side.done() and not stop.is_set():
+                # Without its role the server cannot know whether it may
+                # write: it stops (its agent starts it again), never guesses.
+                failure = side.exception() if not side.cancelled() else None
+                raise RoleLost(f"the disk's role task ended: {failure!r}") from failure
     finally:
+        if side is not None:
+            side.cancel()
+            await asyncio.gather(side, return_exceptions=True)
         # On this thread, after the sessions: SQLite is used by one thread at a time.
         cs.close()

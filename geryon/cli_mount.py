@@ -301,7 +301,7 @@ def add_mount_commands(sub: argparse._SubParsersAction) -> None:
         "--replica",
         action="store_true",
         help="read NAME's live replica instead of its primary, read-only (its "
-        "entry's replica-addr; reads never wait for the primary)",
+        "entry's replica-addr, or addr while the replica serves in the primary's place)",
     )
     m.add_argument(
         "--uname",

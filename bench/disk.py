@@ -173,10 +173,10 @@ def remove_tree(root: Path) -> bool:
     return True
 
 
-def sweep_stale() -> None:
+def sweep_stale(prefix: str = TMP_PREFIX) -> None:
     """Directories of earlier runs killed outright: unmount (which ends their
     background mount processes) and remove."""
-    for old in Path(tempfile.gettempdir()).glob(f"{TMP_PREFIX}*"):
+    for old in Path(tempfile.gettempdir()).glob(f"{prefix}*"):
         try:
             os.kill(int((old / "pid").read_text()), 0)
         except ProcessLookupError:
@@ -810,16 +810,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def fuse_unavailable() -> str | None:
-    """Why FUSE cannot be used here (None: it can)."""
-    try:
-        import pyfuse3  # noqa: F401
-    except ImportError:
-        return "pyfuse3 is not installed (make fuse-deps)"
-    if not os.path.exists("/dev/fuse"):
-        return "no /dev/fuse"
-    if shutil.which("fusermount3") is None:
-        return "no fusermount3 (make fuse-deps)"
-    return None
+    """Why FUSE cannot be used here (None: it can): `geryon mount`'s answer."""
+    from geryon.disk.mount import fuse_unavailable as why_not
+
+    why = why_not()
+    return None if why is None else f"{why}; make fuse-deps installs what it can"
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -112,11 +112,13 @@ from bench import procs, report
 from bench.core import bounded
 from bench.disk import (
     _columns,
+    _fmt,
+    _sig,
     end_pid,
     fuse_unavailable,
     mounts_under,
-    remove_tree,
     run_bench,
+    sweep_stale,
     unmount,
 )
 from geryon.client import Client
@@ -729,6 +731,15 @@ class Results:
     sync_fell_back: list[bool] = dataclasses.field(default_factory=list)
 
 
+def log_failovers(r: int, what: str, fs: list[Failover]) -> None:
+    for f in fs:
+        log(
+            f"round {r + 1}, kill -9 -> {what} through the mount: {_ms(f.took)} (entry "
+            f"at the standby after {_ms(f.to_replica)}, promoted after "
+            f"{_ms(f.to_promoted)}; {f.attempts} attempts{_errors(f)})"
+        )
+
+
 async def round_async(tmp: Path, s: Sizes, res: Results, r: int, mount: bool) -> None:
     cl = Cluster(tmp / f"async-{r}", sync=False)
     try:
@@ -753,14 +764,8 @@ async def round_async(tmp: Path, s: Sizes, res: Results, r: int, mount: bool) ->
             f"{lag.rate:.0f} writes/s"
         )
         if mount:
-            fs = await failovers(cl, s.kills, write=False)
-            res.reads.append(fs)
-            for f in fs:
-                log(
-                    f"round {r + 1}, kill -9 -> read through the mount: {_ms(f.took)} (entry "
-                    f"at the standby after {_ms(f.to_replica)}, promoted after "
-                    f"{_ms(f.to_promoted)}; {f.attempts} attempts{_errors(f)})"
-                )
+            res.reads.append(await failovers(cl, s.kills, write=False))
+            log_failovers(r, "read", res.reads[-1])
     finally:
         cl.stop()
         await cl.close()
@@ -785,14 +790,8 @@ async def round_sync(tmp: Path, s: Sizes, res: Results, r: int, mount: bool) -> 
         res.throughput.setdefault("sync", []).append(took)
         log(f"round {r + 1}, synchronous: {s.files / took:,.0f} files/s")
         if mount:
-            fs = await failovers(cl, s.kills, write=True)
-            res.writes.append(fs)
-            for f in fs:
-                log(
-                    f"round {r + 1}, kill -9 -> write through the mount: {_ms(f.took)} (entry "
-                    f"at the standby after {_ms(f.to_replica)}, promoted after "
-                    f"{_ms(f.to_promoted)}; {f.attempts} attempts{_errors(f)})"
-                )
+            res.writes.append(await failovers(cl, s.kills, write=True))
+            log_failovers(r, "write", res.writes[-1])
     finally:
         cl.stop()
         await cl.close()
@@ -847,10 +846,6 @@ def pct(values: list[float], q: float) -> float:
     lo = int(k)
     hi = min(lo + 1, len(xs) - 1)
     return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
-
-
-def _sig(x: float | None, digits: int = 4) -> float | None:
-    return None if x is None else float(f"{x:.{digits}g}")
 
 
 def _med(xs: list[float | None]) -> float | None:
@@ -952,14 +947,6 @@ def build_rows(s: Sizes, res: Results) -> list[dict[str, Any]]:
     return rows
 
 
-def _fmt(x: float | None) -> str:
-    if x is None:
-        return "-"
-    if abs(x) >= 100:
-        return f"{x:,.0f}"
-    return f"{x:.3g}"
-
-
 def table(s: Sizes, rows: list[dict[str, Any]], notes: list[str]) -> str:
     head = ("operation", "unit", "median", "rounds", "ratio")
     lines = [
@@ -1031,18 +1018,6 @@ def _errors(f: Failover) -> str:
     if not f.errors:
         return ""
     return ": failed " + ", ".join(f"{k} {v}" for k, v in sorted(f.errors.items()))
-
-
-def sweep_stale() -> None:
-    """Directories of earlier runs killed outright: unmount (which ends their
-    background mount processes) and remove."""
-    for old in Path(tempfile.gettempdir()).glob(f"{TMP_PREFIX}*"):
-        try:
-            os.kill(int((old / "pid").read_text()), 0)
-        except ProcessLookupError:
-            remove_tree(old)
-        except (OSError, ValueError):
-            pass
 
 
 async def main_async(args: argparse.Namespace, tmp: Path) -> int:
@@ -1121,7 +1096,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    sweep_stale()
+    sweep_stale(TMP_PREFIX)
     tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX))
     (tmp / "pid").write_text(str(os.getpid()))
 

@@ -34,6 +34,7 @@ from geryon.client import Client
 from geryon.disk import client as styx_client
 from geryon.disk import fs, role, server, styx
 from geryon.disk import users as users_mod
+from geryon.reconciler import live_chunks
 from geryon.resolve import Unresolved, disk_entry
 
 
@@ -452,8 +453,8 @@ async def _chunk(c: Client, chunk: str) -> str | None:
     """The live address of chunk HOST!ID (as its agent registers it), or None."""
     host, _, cid = chunk.partition("!")
     found, _ = await c.find({"host": host, "id": cid})
-    live = [s for s in found if s.attrs.get("health") != "critical"]
-    return max(live, key=lambda s: s.create_revision).name if live else None
+    live = live_chunks(found).get((host, cid))  # the reconciler's own rule
+    return live.name if live is not None else None
 
 
 async def _replication(c: Client, args: argparse.Namespace, name: str):
@@ -580,6 +581,9 @@ async def cmd_promote(args: argparse.Namespace) -> int:
         except errors.FailedPrecondition:
             raise Failed(f"{args.name} changed while promoting; look again") from None
         # Until the new primary takes its role, writes would still be refused.
+        if sys.stderr.isatty():
+            print(f"geryon: disk promote: epoch {epoch + 1} written; waiting (up to "
+                  f"{args.timeout:g}s) for {standby} to take writes", file=sys.stderr)  # fmt: skip
         deadline = asyncio.get_running_loop().time() + args.timeout
         while asyncio.get_running_loop().time() < deadline:
             with contextlib.suppress(styx_client.Gone, styx_client.StyxError, ValueError):

@@ -7,7 +7,6 @@ asserted."""
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -93,15 +92,9 @@ DISK_ROWS = [
 
 
 def _fuse_missing() -> str | None:
-    try:
-        import pyfuse3  # noqa: F401
-    except ImportError:
-        return "pyfuse3 is not installed"
-    if not os.path.exists("/dev/fuse"):
-        return "no /dev/fuse"
-    if shutil.which("fusermount3") is None:
-        return "no fusermount3"
-    return None
+    from geryon.disk.mount import fuse_unavailable
+
+    return fuse_unavailable()
 
 
 @pytest.mark.timeout(180)

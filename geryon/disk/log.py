@@ -403,8 +403,11 @@ def diverged_files(disk: Disk, after: int) -> list[tuple[str, Entry]]:
             e = disk.entry(path)
         except FSError:
             continue  # removed since: nothing to keep
-        if not e.is_dir and not path_of(disk, e).startswith(RECOVERED + "/"):
-            out.append((path_of(disk, e), e))
+        if e.is_dir:
+            continue
+        name = path_of(disk, e)
+        if not name.startswith(RECOVERED + "/"):
+            out.append((name, e))
     return out
 
 

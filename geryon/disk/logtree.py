@@ -7,7 +7,9 @@ and finds three files, in Plan 9's manner of synthetic files:
              table (or ``snapshot``), then read:
              each read at offset S (the follower's applied seq, which
              acknowledges it) returns the next part of a batch from S, or
-             after HEARTBEAT seconds of quiet a header alone
+             after HEARTBEAT seconds of quiet a header alone. A follower
+             that cannot go on gets the Rerror ``resync: WHY``, ending in
+             ``[S]`` when it holds changes past seq S the primary lacks
     status   read: this server's replication state, as JSON
     recover  write: one record of a diverged follower's file, kept under
              /recovered (geryon.disk.log.recover)

@@ -43,6 +43,7 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.run
 	$(BIN)/python -m bench.disk
 	$(BIN)/python -m bench.replica
+	$(BIN)/python -m bench.cpu
 
 lint: $(STAMP)
 	$(BIN)/ruff check geryon tests bench

@@ -37,6 +37,14 @@ frozen data: the agent compares two of them to apply a SIGHUP's difference.
     health = { type = "tcp", interval = "5s", timeout = "2s",
                success_threshold = 1, failure_threshold = 3 }
 
+    [[cpu]]                     # a cpu service (geryon cpu serve), svc=rstyx
+    port = 0                    # 0: a free port at each start
+    runas = { "@admin" = "ops", glenda = "$user" }  # caller -> local account
+    allow_root = false          # may the runas map name root?
+    max_sessions = 64           # at once, in all
+    max_sessions_per_identity = 16
+    attrs = { arch = "amd64" }  # svc, ncpu, load, sessions are the agent's
+
     [[listener]]                # addr, command: required
     addr = "tcp!*!0"
     command = ["..."]           # one per connection, on its stdin and stdout
@@ -54,14 +62,11 @@ import math
 import os
 import re
 import socket
-import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import KW_ONLY, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from geryon.disk import users as users_mod
-from geryon.disk.fs import MIN_CAPACITY
 from geryon.endpoints import registry_address
 from geryon.errors import InvalidArgument
 from geryon.model import validate_attr_name
@@ -83,6 +88,7 @@ CHUNK_OWN_ATTRS = frozenset(
      "epoch"}
 )
 LISTENER_OWN_ATTRS = frozenset({"host", "name", "pid", "started", "health"})
+CPU_OWN_ATTRS = LISTENER_OWN_ATTRS | {"svc", "ncpu", "load", "sessions"}
 NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 SIZE_UNITS = {
@@ -256,6 +262,29 @@ class ListenerSpec:
 
 
 @dataclass(frozen=True, slots=True)
+class CpuSpec:
+    index: int  # which [[cpu]], in file order
+    _: KW_ONLY
+    runas: Mapping[str, str] = field(default_factory=dict)
+    allow_root: bool = False
+    max_sessions: int = 64
+    max_sessions_per_identity: int = 16
+    port: int = 0
+    attrs: Mapping[str, str] = field(default_factory=dict)
+    health: HealthSpec = HealthSpec()
+    restart: RestartSpec = RestartSpec()
+    ready_timeout: float = 30.0
+
+    @property
+    def key(self) -> str:
+        return f"cpu[{self.index}]"
+
+    @property
+    def announced_attrs(self) -> dict[str, str]:
+        return {**self.attrs, "svc": "rstyx", "proto": "grpc"}
+
+
+@dataclass(frozen=True, slots=True)
 class AgentConfig:
     path: Path
     registry: str
@@ -268,10 +297,11 @@ class AgentConfig:
     stop_grace: float = 5.0
     chunks: tuple[ChunkSpec, ...] = ()
     listeners: tuple[ListenerSpec, ...] = ()
+    cpus: tuple[CpuSpec, ...] = ()
 
     @property
-    def services(self) -> dict[str, ChunkSpec | ListenerSpec]:
-        return {s.key: s for s in (*self.chunks, *self.listeners)}
+    def services(self) -> dict[str, ChunkSpec | ListenerSpec | CpuSpec]:
+        return {s.key: s for s in (*self.chunks, *self.listeners, *self.cpus)}
 
 
 # ---- reading ---------------------------------------------------------------
@@ -447,6 +477,12 @@ def _port(n: int) -> int:
 
 def parse(data: Mapping[str, Any], path: Path) -> AgentConfig:
     """Check a parsed TOML document; raise ConfigError listing every problem."""
+    # Imported here: the CLI reads sizes and durations with this module and
+    # should not pay for what only a config needs.
+    from geryon.cpu.runas import RunAs
+    from geryon.disk import users as users_mod
+    from geryon.disk.fs import MIN_CAPACITY
+
     problems: list[str] = []
     file = str(path)
     top = _Table(data, "", problems, file)
@@ -577,6 +613,40 @@ def parse(data: Mapping[str, Any], path: Path) -> AgentConfig:
                 )
             )
 
+    cpus: list[CpuSpec] = []
+    for i, raw in enumerate(top.get("cpu", list, []) or []):
+        where = f"cpu[{i}]"
+        if not isinstance(raw, dict):
+            problems.append(f"{file}: {where}: want a table ([[cpu]])")
+            continue
+        t = _Table(raw, where, problems, file)
+        port = t.get("port", int, 0, parse=_port)
+        runas = _strings(t, "runas", attrs=False)
+        allow_root = t.get("allow_root", bool, False)
+        max_sessions = t.get("max_sessions", int, 64, parse=_positive)
+        per_identity = t.get("max_sessions_per_identity", int, 16, parse=_positive)
+        attrs = _strings(t, "attrs", attrs=True, own=CPU_OWN_ATTRS)
+        health = _health(t, "tcp")
+        spec_restart = _restart(t, restart)
+        cpu_ready = t.get("ready_timeout", (str, int, float), ready_timeout, parse=parse_duration)
+        t.finish(CPU_KEYS)
+        if not runas:
+            t.problem("runas", "missing: without it nobody may run anything")
+        for line in RunAs(runas, allow_root=bool(allow_root)).check():
+            key, _, what = line.partition(": ")
+            t.problem(f"runas.{key}", what)
+        if port:
+            if port in ports:
+                t.problem("port", f"port {port} is also {ports[port]}")
+            ports.setdefault(port, f"{where}.port")
+        cpus.append(
+            CpuSpec(
+                i, runas=runas, allow_root=bool(allow_root), max_sessions=max_sessions,
+                max_sessions_per_identity=per_identity, port=port, attrs=attrs,
+                health=health, restart=spec_restart, ready_timeout=cpu_ready,
+            )
+        )  # fmt: skip
+
     top.finish(TOP_KEYS)
     if problems:
         raise ConfigError(problems)
@@ -591,6 +661,7 @@ def parse(data: Mapping[str, Any], path: Path) -> AgentConfig:
         stop_grace=stop_grace,
         chunks=tuple(chunks),
         listeners=tuple(listeners),
+        cpus=tuple(cpus),
     )
 
 
@@ -620,6 +691,20 @@ TOP_KEYS = {
     "ready_timeout",
     "chunk",
     "listener",
+    "cpu",
+}
+CPU_KEYS = {
+    "port",
+    "runas",
+    "allow_root",
+    "max_sessions",
+    "max_sessions_per_identity",
+    "attrs",
+    "health",
+    "restart",
+    "restart_delay",
+    "restart_max_delay",
+    "ready_timeout",
 }
 CHUNK_KEYS = {
     "id",
@@ -652,6 +737,8 @@ LISTENER_KEYS = {"addr", "command", "max_conns", "attrs", "env", "health"}
 
 def load(path: Path | str) -> AgentConfig:
     """Read and check a config file; raise ConfigError on any problem."""
+    import tomllib  # compiles its regexes at import: only when a file is read
+
     path = Path(path)
     try:
         with open(path, "rb") as f:

@@ -21,6 +21,7 @@ from typing import Any
 
 from geryon import errors
 from geryon.cli_announce import add_announce_commands
+from geryon.cli_cpu import add_cpu_command
 from geryon.cli_disk import add_disk_commands
 from geryon.cli_mount import add_mount_commands
 from geryon.client import DEFAULT_REGISTRY, Client, WatchMessage
@@ -385,6 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_resolve_command(sub)
     add_mount_commands(sub)
     add_disk_commands(sub)
+    add_cpu_command(sub)
     return p
 
 
@@ -432,7 +434,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        code = asyncio.run(run_interruptible(args))
+        # A command that handles its own signals (geryon cpu forwards them).
+        run = args.run(args) if getattr(args, "own_signals", False) else run_interruptible(args)
+        code = asyncio.run(run)
     except UsageError as exc:
         print(f"geryon: {exc}", file=sys.stderr)
         code = 2

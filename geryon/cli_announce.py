@@ -12,12 +12,13 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from geryon import announce
-from geryon.agent_config import parse_duration, parse_listen_addr
 from geryon.errors import InvalidArgument
 from geryon.model import validate_attr_name
+
+if TYPE_CHECKING:  # the work is imported when a command runs: the CLI starts faster
+    from geryon.announce import AnnounceOptions
 
 
 class _AttrAction(argparse.Action):
@@ -41,6 +42,8 @@ class _AttrAction(argparse.Action):
 
 
 def _listen_addr(text: str) -> Any:
+    from geryon.agent_config import parse_listen_addr  # imported when used: a faster start
+
     try:
         return parse_listen_addr(text)
     except ValueError as exc:
@@ -49,6 +52,8 @@ def _listen_addr(text: str) -> Any:
 
 def _seconds(text: str) -> float:
     """Seconds (``2.5``), or with a unit as in node.toml (``250ms``, ``2m``); at most a day."""
+    from geryon.agent_config import parse_duration
+
     try:
         return parse_duration(text)
     except ValueError as exc:
@@ -112,17 +117,21 @@ def _common(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _options(args: argparse.Namespace) -> announce.AnnounceOptions | None:
+def _options(args: argparse.Namespace) -> AnnounceOptions | None:
     """The options, or None once a bad environment variable was reported."""
     logging.basicConfig(format="%(message)s", level=logging.INFO, stream=sys.stderr)
     reconnect_max = args.reconnect_max
     if reconnect_max is None:
         try:
+            from geryon.agent_config import parse_duration
+
             reconnect_max = parse_duration(os.environ.get("GERYON_RECONNECT_MAX") or "10")
         except ValueError as exc:
             print(f"geryon: GERYON_RECONNECT_MAX: {exc}", file=sys.stderr)
             return None
-    return announce.AnnounceOptions(
+    from geryon.announce import AnnounceOptions
+
+    return AnnounceOptions(
         registry=args.registry,
         tls_dir=Path(args.tls_dir) if args.tls_dir else None,
         user=args.user,
@@ -137,15 +146,19 @@ def _options(args: argparse.Namespace) -> announce.AnnounceOptions | None:
 
 
 async def cmd_register(args: argparse.Namespace) -> int:
+    from geryon.announce import run_register
+
     opts = _options(args)
-    return 2 if opts is None else await announce.run_register(opts, args.command)
+    return 2 if opts is None else await run_register(opts, args.command)
 
 
 async def cmd_reglisten(args: argparse.Namespace) -> int:
+    from geryon.announce import run_reglisten
+
     opts = _options(args)
     if opts is None:
         return 2
-    return await announce.run_reglisten(opts, args.addr, args.command, max_conns=args.max_conns)
+    return await run_reglisten(opts, args.addr, args.command, max_conns=args.max_conns)
 
 
 def add_announce_commands(sub: Any) -> None:

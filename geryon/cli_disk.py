@@ -29,12 +29,11 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-from geryon import agent_config, endpoints, errors, tls
+from geryon import endpoints, errors
 from geryon.client import Client
 from geryon.disk import client as styx_client
-from geryon.disk import fs, role, server, styx
+from geryon.disk import fs, styx
 from geryon.disk import users as users_mod
-from geryon.reconciler import live_chunks
 from geryon.resolve import Unresolved, disk_entry
 
 
@@ -44,7 +43,9 @@ class Failed(Exception):
 
 def _size(text: str) -> int:
     try:
-        return agent_config.parse_size(text)
+        from geryon.agent_config import parse_size  # node.toml's sizes, read lazily
+
+        return parse_size(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
@@ -86,6 +87,12 @@ def _is_addr(name: str) -> bool:
     return bool(sep and host and port.isdigit())
 
 
+def _tls_dir(args: argparse.Namespace) -> Path | None:
+    from geryon import tls  # cryptography: only for commands that may use TLS
+
+    return tls.tls_dir_from(args.tls_dir)
+
+
 def _registry(args: argparse.Namespace) -> Client:
     return Client(args.registry, tls_dir=args.tls_dir, user=args.user, retry_for=args.timeout)
 
@@ -122,7 +129,7 @@ async def _remote(args: argparse.Namespace, name: str) -> AsyncIterator[styx_cli
         r = await styx_client.connect(
             addr,
             uname=args.uname or getpass.getuser(),
-            tls_dir=tls.tls_dir_from(args.tls_dir),
+            tls_dir=_tls_dir(args),
             limit=args.timeout,
         )
     except styx_client.Gone as exc:
@@ -250,9 +257,11 @@ async def cmd_check(args: argparse.Namespace) -> int:
 
 
 async def cmd_serve(args: argparse.Namespace) -> int:
+    from geryon.disk import role, server  # the server's side: only to serve
+
     chunk = Path(args.chunk)
     host, port = args.listen
-    tls_dir = tls.tls_dir_from(args.tls_dir)
+    tls_dir = _tls_dir(args)
     if tls_dir is None and not endpoints.is_loopback(host) and not args.insecure:
         raise Failed(
             f"refusing plain 9P on non-loopback {host}: "
@@ -453,7 +462,9 @@ async def _chunk(c: Client, chunk: str) -> str | None:
     """The live address of chunk HOST!ID (as its agent registers it), or None."""
     host, _, cid = chunk.partition("!")
     found, _ = await c.find({"host": host, "id": cid})
-    live = live_chunks(found).get((host, cid))  # the reconciler's own rule
+    from geryon.reconciler import live_chunks  # the reconciler's own rule
+
+    live = live_chunks(found).get((host, cid))
     return live.name if live is not None else None
 
 
@@ -473,7 +484,7 @@ async def _replication(c: Client, args: argparse.Namespace, name: str):
         if addr is not None:
             try:
                 st = await styx_client.replication_status(
-                    addr, tls_dir=tls.tls_dir_from(args.tls_dir), limit=args.timeout
+                    addr, tls_dir=_tls_dir(args), limit=args.timeout
                 )
             except (styx_client.Gone, styx_client.StyxError, ValueError) as exc:
                 st = f"unreachable: {exc}"
@@ -588,7 +599,7 @@ async def cmd_promote(args: argparse.Namespace) -> int:
         while asyncio.get_running_loop().time() < deadline:
             with contextlib.suppress(styx_client.Gone, styx_client.StyxError, ValueError):
                 now = await styx_client.replication_status(
-                    s_addr, tls_dir=tls.tls_dir_from(args.tls_dir), limit=args.timeout
+                    s_addr, tls_dir=_tls_dir(args), limit=args.timeout
                 )
                 if now.get("role") == "primary" and not now.get("frozen"):
                     break

@@ -26,7 +26,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-from geryon import tls
 from geryon.resolve import disk_entry
 
 DEFAULT_ROOT = "/n"
@@ -117,6 +116,8 @@ async def _foreground(args: argparse.Namespace, name: str) -> int:
                 os.close(args.ready_fd)
             args.ready_fd = None
 
+    from geryon import tls
+
     opts = mount_mod.Options(
         name=name,
         mountpoint=_mountpoint(args, name),
@@ -128,6 +129,7 @@ async def _foreground(args: argparse.Namespace, name: str) -> int:
         uname=args.uname or getpass.getuser(),
         wait=args.wait,
         replica=args.replica,
+        allow_other=args.allow_other,
     )
     try:
         await mount_mod.mount(opts, ready=ready)
@@ -152,6 +154,7 @@ def _child_argv(args: argparse.Namespace, name: str, point: Path, ready_fd: int)
     argv += ["mount", "--foreground", "--ready-fd", str(ready_fd), "--at", str(point)]
     argv += ["--wait", str(args.wait), "--uname", args.uname or getpass.getuser()]
     argv += ["--replica"] if args.replica else []
+    argv += ["--allow-other"] if args.allow_other else []
     argv += ["--", name]
     return argv
 
@@ -327,6 +330,12 @@ def add_mount_commands(sub: argparse._SubParsersAction) -> None:
         "--log",
         metavar="FILE",
         help="append the mount process's log to FILE (default: none; with --foreground, stderr)",
+    )
+    m.add_argument(
+        "--allow-other",
+        action="store_true",
+        help="let other local users use the mount, as the mount's 9P identity (root, "
+        "or user_allow_other in /etc/fuse.conf)",
     )
     m.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
     m.set_defaults(run=cmd_mount)

@@ -1,17 +1,22 @@
 """The one place handwritten code meets generated code.
 
-Everything else imports the protobuf modules as ``pb``/``pb_grpc`` from here
-and turns messages into model objects (and back) with these functions.
+Everything else imports the protobuf modules as ``pb``/``pb_grpc`` (the
+registry) and ``cpu_pb``/``cpu_pb_grpc`` (the cpu service) from here, and turns
+the registry's messages into model objects (and back) with these functions.
 """
 
 from __future__ import annotations
 
 from geryon.model import Event, EventType, Revision, Service
+from geryon.v1 import cpu_pb2 as cpu_pb
+from geryon.v1 import cpu_pb2_grpc as cpu_pb_grpc
 from geryon.v1 import registry_pb2 as pb
 from geryon.v1 import registry_pb2_grpc as pb_grpc
 
 __all__ = [
     "RESUME_KEY",
+    "cpu_pb",
+    "cpu_pb_grpc",
     "event_from_pb",
     "event_to_pb",
     "header",

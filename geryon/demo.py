@@ -21,6 +21,7 @@ by itself.
 from __future__ import annotations
 
 import argparse
+import getpass
 import json
 import os
 import shutil
@@ -204,13 +205,9 @@ def agent_config(c: Cluster, host: str) -> Path:
             'attrs = { kfs = "1" }',
             'health = { type = "tcp", interval = "1s" }',
         ]
-    lines += [
-        "",
-        "[[listener]]",
-        'addr = "tcp!*!0"',
-        'attrs = { svc = "rstyx" }',
-        f'command = ["{sys.executable}", "-c", "print(\'cpu service on {host}\')"]',
-    ]
+    # Commands run as nobody when the demo runs as root: runas never needs root.
+    account = "nobody" if os.geteuid() == 0 else getpass.getuser()
+    lines += ["", "[[cpu]]", f'runas = {{ "@admin" = "{account}" }}']
     path = c.home / f"{host}.toml"
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -293,7 +290,7 @@ def tour(c: Cluster) -> None:
 
     say(
         "two nodes, host0 and host1: each agent serves two chunks, as disks (9P2000 in TLS), "
-        "and one cpu listener"
+        "and one cpu (rstyx)"
     )
     (c.home / "users").write_text(USERS)
     for host in ("host0", "host1"):
@@ -318,6 +315,10 @@ def tour(c: Cluster) -> None:
     c.run("ls", "--attr", "managed-by=reconciler")
     c.run("resolve", "d0.mbox")
     mounts(c)
+
+    say("cpus: run a command on the least loaded node, then on host1 with a disk mounted")
+    c.run("cpu", "-n", "--", "sh", "-c", "echo hello from $GERYON_NODE as $USER; uname -sr")
+    c.run("cpu", "-n", "-h", "host1", "--mount", "d0.mbox", "--", "cat", "/n/d0.mbox/hello")
 
     say("the ndb file is edited live: a new disk name appears, then goes")
     with open(ndb, "a") as f:

@@ -3,8 +3,8 @@ announced while the registry comes and goes.
 
     geryon-agent --config node.toml [--check]
 
-Every chunk server and listener of the node runs under the agent and is
-announced under one lease (geryon.announce). The agent
+Every chunk server, listener and cpu service of the node runs under the
+agent and is announced under one lease (geryon.announce). The agent
 
 - supervises: a service whose process exits is unregistered at once and
   restarted with jittered exponential backoff, as its restart policy says
@@ -17,6 +17,8 @@ announced under one lease (geryon.announce). The agent
   checked every USAGE_INTERVAL seconds; for a chunk with a command, creates
   the file, sparse, at its size when it is missing, and never truncates one
   that exists;
+- runs a [[cpu]] as ``geryon cpu serve`` and keeps its entry's ncpu, load
+  and sessions current, read from the server every USAGE_INTERVAL seconds;
 - leaves nothing behind: SIGTERM or SIGINT revokes the lease (every entry
   goes in one revision), stops each service's process group (SIGTERM, then
   SIGKILL after stop_grace) and exits 0; after a kill -9 the registry ends
@@ -47,7 +49,7 @@ import time
 from pathlib import Path
 
 from geryon import agent_config, endpoints, errors, procs, tls
-from geryon.agent_config import AgentConfig, ChunkSpec, ConfigError, ListenerSpec
+from geryon.agent_config import AgentConfig, ChunkSpec, ConfigError, CpuSpec, ListenerSpec
 from geryon.announce import (
     CALL_TIMEOUT,
     Announcer,
@@ -57,6 +59,7 @@ from geryon.announce import (
     substitute,
 )
 from geryon.client import Backoff, Client
+from geryon.cpu import client as cpu_client
 from geryon.disk import fs as disk_fs
 from geryon.health import Checker
 
@@ -283,6 +286,113 @@ class ChunkUnit(Unit):
             await asyncio.sleep(USAGE_INTERVAL)
 
 
+class CpuUnit(Unit):
+    """A [[cpu]]: `geryon cpu serve` announced as svc=rstyx, its ncpu, load
+    and sessions read from the server every USAGE_INTERVAL seconds."""
+
+    spec: CpuSpec
+
+    def __init__(self, agent: Agent, spec: CpuSpec) -> None:
+        super().__init__(agent, spec)
+        self.child: ChildService | None = None
+        self.figures: dict[str, str] = {}
+
+    def attrs(self) -> dict[str, str]:
+        return {**self.spec.announced_attrs, **self.figures}
+
+    def update(self, spec: ChunkSpec | ListenerSpec | CpuSpec) -> None:
+        assert isinstance(spec, CpuSpec)
+        self.spec = spec
+        if self.child is not None:
+            self.child.set_attrs(self.attrs())
+
+    def command(self) -> tuple[str, ...] | None:
+        config = self.agent.config
+        tls_dir = config.tls_dir
+        if tls_dir is None and not endpoints.is_loopback(self.node.advertise):
+            log.error("%s: a cpu dialled at %s needs TLS: set tls_dir (or --tls-dir)",
+                      self.who, self.node.advertise)  # fmt: skip
+            return None
+        if tls_dir is None and self.spec.allow_root:
+            log.error("%s: allow_root needs TLS: over plain text every local process "
+                      "would be the admin", self.who)  # fmt: skip
+            return None
+        argv = [sys.executable, "-m", "geryon.cli", "--registry", config.registry]
+        if tls_dir is not None:
+            argv += ["--tls-dir", str(tls_dir)]
+        argv += ["cpu", "serve", "--listen", f"{'*' if tls_dir else self.node.advertise}:{{port}}"]
+        argv += ["--node", config.host, "--max-sessions", str(self.spec.max_sessions)]
+        argv += ["--max-sessions-per-identity", str(self.spec.max_sessions_per_identity)]
+        for key, account in sorted(self.spec.runas.items()):
+            argv += [f"--runas={key}={account}"]
+        if self.spec.allow_root:
+            argv += ["--allow-root"]
+        return tuple(argv)
+
+    async def run(self) -> None:
+        backoff = Backoff(self.spec.restart.delay, self.spec.restart.max_delay)
+        while True:
+            spec = self.spec
+            began = time.monotonic()
+            command = self.command()
+            if not command:
+                self.settled.set()
+                return
+            self.child = ChildService(
+                self.node, command, attrs=self.attrs(), port=spec.port,
+                ready_timeout=spec.ready_timeout,
+            )  # fmt: skip
+            returncode = await self.child.run(on_ready=self._ready)
+            why = procs.describe(returncode)
+            self.settled.set()
+            policy = spec.restart.policy
+            if policy == "never" or (policy == "on-failure" and returncode == 0):
+                log.warning("%s: %s; not restarting (restart = %s)", self.who, why, policy)
+                return
+            if time.monotonic() - began >= STABLE_S:
+                backoff.reset()
+            delay = backoff.next()
+            log.warning("%s: %s; restarting in %.2fs", self.who, why, delay)
+            await asyncio.sleep(delay)
+
+    async def _ready(self) -> None:
+        self.settled.set()
+        child = self.child
+        assert child is not None and child.name
+        port = int(child.name.rsplit("!", 1)[1])
+        checker = Checker(
+            self.spec.health, host=self.node.probe_host, port=port, keeper=self.node.keeper,
+            command=substitute(self.spec.health.command,
+                               {"host": self.node.host, "port": str(port), "addr": child.name}),
+        )  # fmt: skip
+
+        def report(state: str, why: str) -> None:
+            log.warning("%s: %s health %s (%s)", self.who, child.name, state, why)
+            child.set_health(state)
+
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(checker.run(report))
+            tg.create_task(self._track_figures(child, port))
+
+    async def _track_figures(self, child: ChildService, port: int) -> None:
+        """Keep the entry's ncpu, load and sessions true to the server."""
+        tls_dir = self.agent.config.tls_dir
+        owner = tls.identity_of_dir(tls_dir).name if tls_dir else ""
+        me = cpu_client.Cpu(f"tcp!{self.node.probe_host}!{port}", self.node.host, owner, 1, 0, 0)
+        while True:
+            try:
+                st = await cpu_client.status(me, tls_dir=tls_dir)
+            except errors.GeryonError as exc:
+                log.debug("%s: cannot read the cpu's status: %s", self.who, exc)
+            else:
+                figures = {"ncpu": str(st.ncpu), "load": f"{st.load:.2f}",
+                           "sessions": str(st.sessions)}  # fmt: skip
+                if figures != self.figures:
+                    self.figures = figures
+                    child.set_attrs(self.attrs())
+            await asyncio.sleep(USAGE_INTERVAL)
+
+
 class ListenerUnit(Unit):
     spec: ListenerSpec
 
@@ -378,8 +488,9 @@ class Agent:
         self.ready = asyncio.Event()
         self._reporter: asyncio.Task[None] | None = None
 
-    def _unit(self, spec: ChunkSpec | ListenerSpec) -> Unit:
-        unit = ChunkUnit(self, spec) if isinstance(spec, ChunkSpec) else ListenerUnit(self, spec)
+    def _unit(self, spec: ChunkSpec | ListenerSpec | CpuSpec) -> Unit:
+        kind = {ChunkSpec: ChunkUnit, ListenerSpec: ListenerUnit, CpuSpec: CpuUnit}[type(spec)]
+        unit = kind(self, spec)  # type: ignore[arg-type]
         self.units[spec.key] = unit
         unit.start()
         return unit
@@ -421,7 +532,7 @@ class Agent:
         restart = []
         for k in changed:
             a, b = before[k], after[k]
-            if isinstance(a, ChunkSpec) and dataclasses.replace(a, attrs=b.attrs) == b:
+            if isinstance(a, ChunkSpec | CpuSpec) and dataclasses.replace(a, attrs=b.attrs) == b:
                 self.units[k].update(b)
             else:
                 restart.append(k)
@@ -521,7 +632,7 @@ def describe(config: AgentConfig) -> str:
         f"agent {config.host}: registry {config.registry} "
         f"({'tls ' + str(config.tls_dir) if config.tls_dir else 'plain text'}), "
         f"advertise {config.advertise}, lease ttl {_seconds(config.lease_ttl)}, "
-        f"{len(config.chunks)} chunks, {len(config.listeners)} listeners"
+        f"{len(config.chunks)} chunks, {len(config.listeners)} listeners, {len(config.cpus)} cpus"
     ]
     for c in config.chunks:
         if c.is_disk:
@@ -543,6 +654,17 @@ def describe(config: AgentConfig) -> str:
             f"  health: {_health_text(c.health)}",
             f"  restart: {c.restart.policy}, backoff {_seconds(c.restart.delay)} to "
             f"{_seconds(c.restart.max_delay)}",
+        ]
+    for cpu in config.cpus:
+        lines += [
+            f"cpu {cpu.index}: geryon cpu serve "
+            f"({'gRPC in TLS' if config.tls_dir else 'plain text'})",
+            f"  port: {cpu.port or 'a free one at each start'}",
+            "  runas: " + " ".join(f"{k}={v}" for k, v in sorted(cpu.runas.items()))
+            + (" (root allowed)" if cpu.allow_root else ""),
+            f"  at most {cpu.max_sessions} sessions, {cpu.max_sessions_per_identity} per identity",
+            "  attrs: " + " ".join(f"{k}={v}" for k, v in sorted(cpu.announced_attrs.items())),
+            f"  health: {_health_text(cpu.health)}",
         ]
     for li in config.listeners:
         lines += [

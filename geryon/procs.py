@@ -75,6 +75,11 @@ class Keeper:
         assert self._proc is not None and self._proc.stdin is not None
         return self._proc.stdin.fileno()
 
+    def watch(self, pgid: int) -> None:
+        """Kill group PGID if we die (for a child not started by ``spawn``)."""
+        self.groups.add(pgid)
+        self._write(b"+%d\n" % pgid)
+
     def forget(self, pgid: int) -> None:
         self.groups.discard(pgid)
         self._write(b"-%d\n" % pgid)

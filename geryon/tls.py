@@ -55,6 +55,8 @@ __all__ = [
     "Identity",
     "ServerTLS",
     "channel_credentials",
+    "dial_name",
+    "dns_names_of_dir",
     "identity_from_context",
     "identity_from_der",
     "identity_of_dir",
@@ -75,6 +77,8 @@ CERT = "cert.pem"
 KEY = "key.pem"
 TLS_DIR_ENV = "GERYON_TLS_DIR"
 URI_SCHEME = "geryon://"
+# RFC 2606's .invalid: never a real host, so never a registry's name.
+DIAL_DOMAIN = "id.geryon.invalid"
 
 _NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _HOST_RE = re.compile(
@@ -327,6 +331,11 @@ def issue(
     alt_names: list[x509.GeneralName] = [uri]
     if role == "server":
         alt_names += _server_sans(sans)
+    # A node's cpu service is dialled over gRPC, which checks a DNS name: its
+    # clients expect the identity that registered its entry, by a name under
+    # a reserved domain that no host dialled by its own name can carry.
+    if role in ("server", "node") and _HOST_RE.fullmatch(dial_name(name)):
+        alt_names.append(x509.DNSName(dial_name(name)))
     # A node serves too: its chunk servers speak 9P in TLS with its identity
     # (their clients check the CA and the identity, not a host name).
     if role in ("server", "node"):
@@ -582,6 +591,22 @@ def ssl_context(tls_dir: Path, *, server: bool) -> ssl.SSLContext:
 def identity_of_dir(tls_dir: Path) -> Identity:
     """Who TLS_DIR's certificate says we are."""
     return _identity_of(_load_certs(_read(Path(tls_dir) / CERT), Path(tls_dir) / CERT)[0])
+
+
+def dial_name(name: str) -> str:
+    """The DNS name identity NAME's services are dialled as (its certificate
+    carries it when its role is node or server)."""
+    return f"{name.lower()}.{DIAL_DOMAIN}"
+
+
+def dns_names_of_dir(tls_dir: Path) -> list[str]:
+    """The DNS names TLS_DIR's certificate may be dialled as."""
+    cert = _load_certs(_read(Path(tls_dir) / CERT), Path(tls_dir) / CERT)[0]
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return []
+    return list(san.get_values_for_type(x509.DNSName))
 
 
 def identity_from_der(der: bytes | None) -> Identity:

@@ -7,6 +7,7 @@ asserted."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -123,3 +124,20 @@ def test_quick_disk_bench_prints_every_column() -> None:
         assert len(cells) == 6 and "-" not in cells, match[0]
     with open("/proc/self/mounts") as f:
         assert "geryon-bench-disk-" not in f.read()
+
+
+@pytest.mark.timeout(120)
+def test_quick_cpu_bench_prints_every_row() -> None:
+    """bench.cpu --quick: a figure for every row, the ratios line last."""
+    r = subprocess.run(
+        [sys.executable, "-m", "bench.cpu", "--quick"],
+        cwd=ROOT, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=100,
+    )  # fmt: skip
+    assert r.returncode == 0, f"exit {r.returncode}\n{r.stdout}\n{r.stderr[-4000:]}"
+    lines = r.stdout.splitlines()
+    labels = ["session start-up", "a session alone", "local fork+exec", "stdout: cat of",
+              "local pipe"]  # fmt: skip
+    for label in labels:
+        rows = [line for line in lines[:-1] if label in line]
+        assert rows and all(re.search(r"\d+\.\d\d (ms|MB/s)$", row) for row in rows), label
+    assert lines[-1].startswith("(a session alone / local fork+exec, p50: ")

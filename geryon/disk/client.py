@@ -17,10 +17,14 @@ import json
 import ssl
 from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from geryon import errors, tls
+from geryon import errors
 from geryon.disk import styx
 from geryon.disk.styx import Fcall, Stat
+
+if TYPE_CHECKING:  # cryptography is imported only once TLS is used
+    from geryon import tls
 
 MSIZE = (1 << 20) + styx.IOHDRSZ  # an iounit of 1 MiB: FUSE's 1 MiB writes are one Twrite
 CONNECT_TIMEOUT = 10.0
@@ -48,6 +52,8 @@ def parse_addr(addr: str) -> tuple[str, int]:
 
 
 def client_ssl(tls_dir: Path) -> ssl.SSLContext:
+    from geryon import tls
+
     ctx = tls.ssl_context(tls_dir, server=False)
     # Chunk servers present node certificates named by identity, not by host
     # name; the CA check is what vouches for them.
@@ -92,6 +98,8 @@ class Conn:
         conn = cls(reader, writer)
         if ssl_ctx is not None:
             try:
+                from geryon import tls
+
                 conn.peer = tls.identity_from_der(
                     writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
                 )

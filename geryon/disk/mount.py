@@ -1023,6 +1023,7 @@ class Options:
     uname: str = ""
     wait: float = 10.0
     replica: bool = False  # read NAME's replica, read-only
+    allow_other: bool = False  # other local users may use it (a cpu session's account)
 
 
 def mounts() -> dict[str, str]:
@@ -1084,6 +1085,8 @@ async def mount(opts: Options, *, ready: Callable[[], None] | None = None) -> No
         options = {f"fsname={opts.name}", "subtype=geryon"}
         if opts.replica:
             options.add("ro")
+        if opts.allow_other:
+            options.add("allow_other")
         try:
             pyfuse3.init(ops, point, options)
         except RuntimeError as exc:

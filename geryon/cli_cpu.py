@@ -66,7 +66,10 @@ class _Stdin:
                 data = os.read(0, cpu_client.STDIN_CHUNK)
             except OSError:
                 data = b""
-            self._loop.call_soon_threadsafe(self.queue.put_nowait, data)
+            try:
+                self._loop.call_soon_threadsafe(self.queue.put_nowait, data)
+            except RuntimeError:  # the loop has closed: the session is over
+                return
             if not data:
                 return
 
@@ -180,7 +183,8 @@ async def _drive(session: cpu_client.Session, *, no_stdin: bool, raw: bool) -> i
             loop.remove_signal_handler(sig)
         for t in (*tasks, pumping):
             t.cancel()
-    await out.done
+        # What arrived is written out before anything is said or we exit.
+        await out.done
     if out.failed.done():
         error = out.failed.result()
         if isinstance(error, BrokenPipeError):

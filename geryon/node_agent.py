@@ -129,8 +129,25 @@ class Unit:
     async def run(self) -> None:
         raise NotImplementedError
 
-    def update(self, spec: ChunkSpec | ListenerSpec) -> None:
+    def update(self, spec: ChunkSpec | ListenerSpec | CpuSpec) -> None:
         self.spec = spec
+
+    async def restart_after(
+        self, returncode: int | None, why: str, began: float, backoff: Backoff
+    ) -> bool:
+        """A run that began at BEGAN ended: False when the restart policy
+        says stop; else wait out the backoff (afresh after a stable run), True."""
+        self.settled.set()
+        policy = self.spec.restart.policy  # type: ignore[union-attr]
+        if policy == "never" or (policy == "on-failure" and returncode == 0):
+            log.warning("%s: %s; not restarting (restart = %s)", self.who, why, policy)
+            return False
+        if time.monotonic() - began >= STABLE_S:
+            backoff.reset()
+        delay = backoff.next()
+        log.warning("%s: %s; restarting in %.2fs", self.who, why, delay)
+        await asyncio.sleep(delay)
+        return True
 
 
 class ChunkUnit(Unit):
@@ -230,16 +247,8 @@ class ChunkUnit(Unit):
                 )
                 returncode = await self.child.run(on_ready=self._ready)
                 why = procs.describe(returncode)
-            self.settled.set()
-            policy = spec.restart.policy
-            if policy == "never" or (policy == "on-failure" and returncode == 0):
-                log.warning("%s: %s; not restarting (restart = %s)", self.who, why, policy)
+            if not await self.restart_after(returncode, why, began, backoff):
                 return
-            if time.monotonic() - began >= STABLE_S:
-                backoff.reset()
-            delay = backoff.next()
-            log.warning("%s: %s; restarting in %.2fs", self.who, why, delay)
-            await asyncio.sleep(delay)
 
     async def _ready(self) -> None:
         self.settled.set()
@@ -343,17 +352,8 @@ class CpuUnit(Unit):
                 ready_timeout=spec.ready_timeout,
             )  # fmt: skip
             returncode = await self.child.run(on_ready=self._ready)
-            why = procs.describe(returncode)
-            self.settled.set()
-            policy = spec.restart.policy
-            if policy == "never" or (policy == "on-failure" and returncode == 0):
-                log.warning("%s: %s; not restarting (restart = %s)", self.who, why, policy)
+            if not await self.restart_after(returncode, procs.describe(returncode), began, backoff):
                 return
-            if time.monotonic() - began >= STABLE_S:
-                backoff.reset()
-            delay = backoff.next()
-            log.warning("%s: %s; restarting in %.2fs", self.who, why, delay)
-            await asyncio.sleep(delay)
 
     async def _ready(self) -> None:
         self.settled.set()

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import hashlib
 import ipaddress
 import logging
 import os
@@ -283,6 +284,8 @@ def _server_sans(sans: Sequence[str]) -> list[x509.GeneralName]:
             pass
         if not _HOST_RE.fullmatch(s):
             raise errors.InvalidArgument(f"tls: invalid SAN {raw!r}: want a DNS name or IP")
+        if s.lower().endswith("." + DIAL_DOMAIN):
+            raise errors.InvalidArgument(f"tls: invalid SAN {raw!r}: {DIAL_DOMAIN} is Geryon's")
         out.append(x509.DNSName(s.lower()))
     return out
 
@@ -334,7 +337,7 @@ def issue(
     # A node's cpu service is dialled over gRPC, which checks a DNS name: its
     # clients expect the identity that registered its entry, by a name under
     # a reserved domain that no host dialled by its own name can carry.
-    if role in ("server", "node") and _HOST_RE.fullmatch(dial_name(name)):
+    if role in ("server", "node"):
         alt_names.append(x509.DNSName(dial_name(name)))
     # A node serves too: its chunk servers speak 9P in TLS with its identity
     # (their clients check the CA and the identity, not a host name).
@@ -595,8 +598,10 @@ def identity_of_dir(tls_dir: Path) -> Identity:
 
 def dial_name(name: str) -> str:
     """The DNS name identity NAME's services are dialled as (its certificate
-    carries it when its role is node or server)."""
-    return f"{name.lower()}.{DIAL_DOMAIN}"
+    carries it when its role is node or server): a readable label, then a
+    hash of the exact name, since DNS ignores case and allows no "_"."""
+    label = re.sub(r"[^a-z0-9-]", "-", name.lower())[:40].strip("-") or "x"
+    return f"{label}-{hashlib.sha256(name.encode()).hexdigest()[:16]}.{DIAL_DOMAIN}"
 
 
 def dns_names_of_dir(tls_dir: Path) -> list[str]:

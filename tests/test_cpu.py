@@ -397,20 +397,22 @@ def test_mount_a_disk_written_on_another_node(
     start_registry, daemons: list[Daemon], tmp_path: Path
 ) -> None:
     registry = start_registry()
+    # Over plain text a session is the local admin: its mounts attach as admin.
     server = ChunkServer(tmp_path / "chunk0", free_port(), "4MiB")  # on "another node"
+    server.argv += ["--owner", "admin"]
     daemons.append(server)
     server.start()
     set_entry(registry, "d0", addr=server.addr, size=str(4 << 20))
     (tmp_path / "hello").write_text("written elsewhere\n")
-    me = getpass.getuser()  # the disk's owner; over plain 9P the caller attaches as itself
-    g = ["--registry", registry.address, "--user", me]
-    assert run_cli(*g, "disk", "put", str(tmp_path / "hello"), "d0:/hello").returncode == 0
+    g = ["--registry", registry.address]
+    put = run_cli(*g, "disk", "put", "--uname", "admin", str(tmp_path / "hello"), "d0:/hello")
+    assert put.returncode == 0, put.stderr
     port = serve_cpu(daemons, tmp_path, registry, "c1")
     set_entry(registry, f"tcp!127.0.0.1!{port}", svc="rstyx", host="c1")
     r = run_cli(*g, "cpu", "--mount", "d0", "--", "sh", "-c",
                 "cat /n/d0/hello; echo from-the-cpu > /n/d0/back; ls /n")  # fmt: skip
     assert (r.returncode, r.stdout) == (0, "written elsewhere\nd0\n"), r.stderr
-    assert run_cli(*g, "disk", "cat", "d0:/back").stdout == "from-the-cpu\n"
+    assert run_cli(*g, "disk", "cat", "--uname", "admin", "d0:/back").stdout == "from-the-cpu\n"
     assert "d0" not in os.listdir("/n") if os.path.isdir("/n") else True  # the node's /n untouched
     r = run_cli(*g, "cpu", "--mount", "nosuch", "--", "true")
     assert r.returncode == 255 and "no disk named 'nosuch'" in r.stderr
@@ -461,10 +463,12 @@ def test_stopping_the_service_ends_every_session(
         port = serve_cpu(daemons, tmp_path, registry, stop)
         set_entry(registry, f"tcp!127.0.0.1!{port}", svc="rstyx", host=stop)
         mark = str(8000 + os.getpid() % 1000) + ("1" if stop == "term" else "2")
-        with subprocess.Popen([str(BIN / "geryon"), "--registry", registry.address, "cpu",
-                               "-h", stop, "--", "sh", "-c", f"sleep {mark}1 & sleep {mark}2"],
-                              stdin=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                              text=True) as p:  # fmt: skip
+        # Input streaming all the while: the end must not be lost to a write.
+        script = f"sleep {mark}1 & sleep {mark}2 & cat > /dev/null"
+        with open("/dev/zero", "rb") as zero, subprocess.Popen(
+            [str(BIN / "geryon"), "--registry", registry.address, "cpu", "-h", stop, "--",
+             "sh", "-c", script], stdin=zero, stderr=subprocess.PIPE, text=True,
+        ) as p:  # fmt: skip
             asyncio.run(eventually(lambda mark=mark: len(live(mark)) == 2, timeout=15))
             if stop == "term":
                 assert daemons[-1].stop() == 0
@@ -474,6 +478,8 @@ def test_stopping_the_service_ends_every_session(
             assert p.wait(15) == 255
             err = p.stderr.read()  # type: ignore[union-attr]
             assert err.startswith(f"geryon: cpu: tcp!127.0.0.1!{port}: ") and err.count("\n") == 1
+            if stop == "term":
+                assert err.endswith(": cpu: term is stopping: the session was ended\n"), err
 
 
 @pytest.mark.skipif(not ROOT, reason="the account must differ from the server's")

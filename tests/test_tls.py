@@ -161,7 +161,7 @@ def test_issue_node(pki: dict[str, Path]) -> None:
     san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert san.get_values_for_type(x509.UniformResourceIdentifier) == ["geryon://node/node-1"]
     # Its cpu service is dialled by this name (gRPC checks a DNS name).
-    assert san.get_values_for_type(x509.DNSName) == ["node-1.id.geryon.invalid"]
+    assert san.get_values_for_type(x509.DNSName) == [tls.dial_name("node-1")]
     eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
     # A node serves its disks in TLS with this identity too.
     assert list(eku) == [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
@@ -180,7 +180,7 @@ def test_issue_server_sans(pki: dict[str, Path]) -> None:
     san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert san.get_values_for_type(x509.UniformResourceIdentifier) == ["geryon://server/api"]
     assert set(san.get_values_for_type(x509.DNSName)) == {
-        "grid.example.org", "localhost", "api.id.geryon.invalid"
+        "grid.example.org", "localhost", tls.dial_name("api")
     }  # fmt: skip
     ips = {str(i) for i in san.get_values_for_type(x509.IPAddress)}
     assert {"10.0.0.7", "127.0.0.1"} <= ips

@@ -216,11 +216,13 @@ class Session:
                 self._stdin_acked = max(self._stdin_acked, msg.stdin_consumed)
                 self._stdin_moved.set()
             elif kind == "exit":
-                self.exit = Exit(msg.exit.code, msg.exit.signal)
                 self._stdin_moved.set()
                 with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
                     async with self._lock:
                         await self._call.done_writing()
+                self.exit = Exit(msg.exit.code, msg.exit.signal)
+                if msg.exit.ended_by_service:
+                    raise errors.Unavailable(msg.exit.ended_by_service)
                 return
 
     async def consumed(self, n: int) -> None:

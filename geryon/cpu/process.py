@@ -137,7 +137,9 @@ def environment(spec: Spec, extra: Mapping[str, str]) -> dict[str, str]:
     return {**env, **spec.env, **extra}
 
 
-def command_line(spec: Spec, env: Mapping[str, str], tools: Mapping[str, str]) -> list[str]:
+def command_line(
+    spec: Spec, env: Mapping[str, str], tools: Mapping[str, str], *, home: str
+) -> list[str]:
     """The chain that starts SPEC. Everything before env(1) runs as root
     with ROOT_ENV; env(1) runs as the account: it clears the environment,
     sets the session's, enters the working directory (so an account cannot
@@ -149,12 +151,10 @@ def command_line(spec: Spec, env: Mapping[str, str], tools: Mapping[str, str]) -
         # A login shell on a terminal, as login(1) starts it; a plain one
         # reading commands from stdin otherwise.
         argv = [acct.shell, "-l"] if spec.term is not None else [acct.shell]
-    # An account without a home (nobody's is /nonexistent) starts in /.
-    home = spec.dir or (acct.home if os.path.isdir(acct.home) else "/")
     chain = [tools["setpriv"]]
     if os.geteuid() != acct.uid or os.getegid() != acct.gid:
         chain += [f"--reuid={acct.uid}", f"--regid={acct.gid}", "--init-groups"]
-    chain += ["--pdeathsig=KILL", "--", tools["env"], "-i", f"--chdir={home}"]
+    chain += ["--pdeathsig=KILL", "--", tools["env"], "-i", f"--chdir={spec.dir or home}"]
     # Assignments end at the first word without "=": check_env and
     # check_argv keep names and argv[0] from being mistaken for either.
     chain += [f"{k}={v}" for k, v in env.items()]
@@ -214,7 +214,10 @@ class Process:
         terminal can be had (out of descriptors) or a helper cannot run."""
         env = environment(spec, extra_env)
         acct = spec.account
-        command = command_line(spec, env, tools)
+        # An account without a home (nobody's is /nonexistent) starts in /.
+        # A stat that NFS may hold up: off the loop.
+        home = acct.home if await asyncio.to_thread(os.path.isdir, acct.home) else "/"
+        command = command_line(spec, env, tools, home=home)
         ours: list[int] = []
         theirs: list[int] = []
         try:
@@ -366,15 +369,17 @@ class Process:
         """Send SIGNAME to the terminal's foreground job, else the command's
         group, as the account could itself: not to a group whose leader it
         does not own (a setuid program started by someone else)."""
+        if self._exited.done():
+            return  # its pid may be someone else's group by now
         sig = signal.Signals[f"SIG{name}"]
         group = self.pid
         if self._pty:
             with contextlib.suppress(OSError):
                 group = os.tcgetpgrp(self._stdin)
-        if group != self.pid and not may_signal(group, self.uid):
-            return
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(group, sig)
+        for pid in group_members(group):
+            if may_signal(pid, self.uid):
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, sig)
 
     def resize(self, window: Window) -> None:
         if self._pty:  # the kernel tells the foreground job (SIGWINCH)
@@ -393,11 +398,13 @@ class Process:
         if self._ended:
             return
         self._ended = True
-        # A scan of /proc, repeated: off the loop, which serves the other sessions.
-        await asyncio.to_thread(kill_session, self.pid, tag=self.tag, uid=self.uid)
-        self._keeper.forget(self.pid)
-        with contextlib.suppress(ProcessLookupError):
-            self.proc.kill()
+        try:
+            # A scan of /proc, repeated: off the loop, which serves the other sessions.
+            await asyncio.to_thread(kill_session, self.pid, tag=self.tag, uid=self.uid)
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.kill()
+        finally:
+            self._keeper.forget(self.pid)
 
     async def kill(self) -> None:
         """End the session and close our ends. Idempotent."""
@@ -408,17 +415,34 @@ class Process:
         finally:
             if not self._closed:
                 self._closed = True
-                for fd in (self._stdin, *self._outputs):
+                # A terminal's master is both our stdin and our output: once.
+                for fd in {self._stdin, *self._outputs}:
                     if fd >= 0:
                         with contextlib.suppress(OSError):
                             os.close(fd)
 
 
-def may_signal(pgid: int, uid: int) -> bool:
-    """Whether account UID could signal group PGID's leader itself (its real
-    or saved user id is UID; the kernel's rule for an unprivileged sender)."""
+def group_members(pgid: int) -> list[int]:
+    """The live processes of process group PGID (from /proc)."""
+    pids = []
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                stat = Path(entry.path, "stat").read_bytes()
+                fields = stat[stat.rindex(b")") + 2 :].split()
+                if int(fields[2]) == pgid and fields[0] not in (b"Z", b"X"):
+                    pids.append(int(entry.name))
+            except (OSError, ValueError, IndexError):
+                continue
+    return pids
+
+
+def may_signal(pid: int, uid: int) -> bool:
+    """Whether account UID could signal PID itself (its real or saved user
+    id is UID: the kernel's rule for an unprivileged sender). Root signals
+    for the account, so it must not reach further than the account could."""
     try:
-        status = Path(f"/proc/{pgid}/status").read_text()
+        status = Path(f"/proc/{pid}/status").read_text()
     except OSError:
         return False
     for line in status.splitlines():

@@ -95,7 +95,8 @@ class Mounts:
         if why is not None:
             raise FailedPrecondition(f"cpu: this cpu cannot mount disks: {why}")
         for name in names:
-            if not name or "/" in name or name in (".", "..") or name.startswith("-"):
+            bad = not name or name in (".", "..") or name.startswith("-")
+            if bad or any(c in name for c in "/\0"):
                 raise InvalidArgument(f"cpu: mount: {name!r} is not a disk name")
             try:
                 await self.client.get(name)

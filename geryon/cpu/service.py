@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import itertools
 import logging
 import os
@@ -155,8 +156,6 @@ class CpuService(cpu_pb_grpc.CpuServiceServicer):
         self.keeper = keeper
         self.authenticate = authenticate
         self.mounter = mounter
-        # Over plain text a caller's name is its own say-so (geryon-user):
-        # it names the session, never the account, which is @admin's.
         self.plain_text = plain_text
         self.tools = process.helpers()
         self.sessions: dict[str, process.Process] = {}
@@ -186,6 +185,10 @@ class CpuService(cpu_pb_grpc.CpuServiceServicer):
         caller: Caller | None = None
         try:
             caller = self.authenticate(context)
+            if self.plain_text:
+                # Over plain text a name is the caller's own say-so: it names
+                # nothing that matters (account, limits, a mount's 9P user).
+                caller = Caller("admin", "admin")
             if self.stopping:
                 raise Unavailable(f"cpu: {self.node} is stopping")
             first = await context.read()
@@ -204,14 +207,15 @@ class CpuService(cpu_pb_grpc.CpuServiceServicer):
             self.limits.give(caller.name)
 
     async def _spec(self, start: cpu_pb.Start, caller: Caller) -> process.Spec:
-        account = self.runas.resolve(Caller("admin", "admin") if self.plain_text else caller)
+        # The passwd lookup may go to NSS (LDAP, NFS): off the loop.
+        account = await asyncio.to_thread(self.runas.resolve, caller)
         argv = tuple(start.argv)
         if len(argv) > MAX_ARGS:
             raise InvalidArgument(f"cpu: argv: {len(argv)} arguments, at most {MAX_ARGS}")
         why = process.check_argv(argv) or process.check_env(start.env)
         if why:
             raise InvalidArgument(f"cpu: {why}")
-        if start.dir and not os.path.isabs(start.dir):
+        if start.dir and (not os.path.isabs(start.dir) or "\0" in start.dir):
             raise InvalidArgument(f"cpu: dir {start.dir!r}: want an absolute path")
         term = window = None
         if start.HasField("terminal"):
@@ -246,7 +250,12 @@ class CpuService(cpu_pb_grpc.CpuServiceServicer):
             proc = await process.Process.start(
                 spec, keeper=self.keeper, extra_env=extra, tools=self.tools
             )
-        except OSError as exc:  # out of descriptors or processes
+        except OSError as exc:
+            if exc.errno == errno.E2BIG:
+                raise InvalidArgument("cpu: argv and env: too long for exec") from None
+            if exc.errno in (errno.EMFILE, errno.ENFILE, errno.EAGAIN, errno.ENOMEM):
+                why = exc.strerror
+                raise ResourceExhausted(f"cpu: cannot start a session now: {why}") from None
             raise Unavailable(f"cpu: cannot start a session: {exc.strerror or exc}") from None
         self.sessions[sid] = proc
         window = OutputWindow(min(want or DEFAULT_OUTPUT_WINDOW, MAX_OUTPUT_WINDOW))
@@ -267,9 +276,14 @@ class CpuService(cpu_pb_grpc.CpuServiceServicer):
                         else:
                             await send(stderr=data)
                     status = await proc.wait()
-                    if self.stopping:
-                        raise Unavailable(f"cpu: {self.node} is stopping: the session was ended")
-                    await send(exit=cpu_pb.Exit(code=status.code, signal=status.signal))
+                    why = ""
+                    if self.stopping and status.signal == "KILL":
+                        why = f"cpu: {self.node} is stopping: the session was ended"
+                    # In the stream, not as the call's status: a caller still
+                    # writing would see its write fail and lose the status.
+                    await send(exit=cpu_pb.Exit(
+                        code=status.code, signal=status.signal, ended_by_service=why
+                    ))  # fmt: skip
                     # The caller half-closes once it has read the exit. Ending
                     # the call before would fail its acknowledgements still in
                     # flight, and with them the output it has not read yet.

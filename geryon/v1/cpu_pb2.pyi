@@ -96,12 +96,14 @@ class Started(_message.Message):
     def __init__(self, session: _Optional[str] = ..., node: _Optional[str] = ..., account: _Optional[str] = ..., pid: _Optional[int] = ..., stdin_window: _Optional[int] = ..., output_window: _Optional[int] = ...) -> None: ...
 
 class Exit(_message.Message):
-    __slots__ = ("code", "signal")
+    __slots__ = ("code", "signal", "ended_by_service")
     CODE_FIELD_NUMBER: _ClassVar[int]
     SIGNAL_FIELD_NUMBER: _ClassVar[int]
+    ENDED_BY_SERVICE_FIELD_NUMBER: _ClassVar[int]
     code: int
     signal: str
-    def __init__(self, code: _Optional[int] = ..., signal: _Optional[str] = ...) -> None: ...
+    ended_by_service: str
+    def __init__(self, code: _Optional[int] = ..., signal: _Optional[str] = ..., ended_by_service: _Optional[str] = ...) -> None: ...
 
 class StatusRequest(_message.Message):
     __slots__ = ()

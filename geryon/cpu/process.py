@@ -1,25 +1,32 @@
 """One session's command: started as its account in a session of its own,
 its output read as the caller can take it, and the whole of it killed at the end.
 
-The command runs through two small util-linux programs, which cost well under
-a millisecond where a Python exec wrapper costs ten:
+The command runs through small util-linux and coreutils programs, which cost
+well under a millisecond where a Python exec wrapper costs ten:
 
-    [setsid --ctty]  setpriv --pdeathsig=KILL [--reuid --regid --init-groups] -- ARGV
+    [setsid --ctty] setpriv --pdeathsig=KILL [--reuid --regid --init-groups] --
+        env -i --chdir=DIR VAR=VALUE... ARGV
 
 - Its own session and process group (pgid = sid = its pid): by subprocess's
   setsid for pipes, or by ``setsid --ctty``, which also makes the terminal
   its controlling terminal, with a pseudo-terminal. A signal for the session
   goes to the terminal's foreground process group (a shell's current job),
-  else to the command's group.
+  else to the command's group, and only to processes the account could
+  signal itself.
 - ``setpriv`` drops to the account (with its supplementary groups) and arms
   PR_SET_PDEATHSIG last (a change of credentials clears it): if the cpu
   server dies, the kernel kills the command, and the server's keeper kills its
   process group.
+- Until ``env`` every program runs as root, found by absolute path, with a
+  fixed environment; ``env``, already the account, sets the session's
+  environment and enters its directory, so nothing the caller sends reaches
+  root and no directory is entered with root's rights.
 - At the end (the command exited and its output is drained, the caller went
-  away, or the server stops), ``kill`` sends SIGKILL to the process group and
-  to every process of the session, job-control groups of an interactive shell
-  included, until none is left. A process that made a session of its own
-  (setsid, a daemon) escapes, as it escapes the agent's process-group kill.
+  away, or the server stops), ``end`` sends SIGKILL to the process group, to
+  every process of the session (job-control groups of an interactive shell
+  included) and to every process of the account still carrying the session's
+  GERYON_SESSION (a daemon that made a session of its own), until none is
+  left.
 
 No grpc here: the servicer pumps a Process's output into its stream.
 """

@@ -15,43 +15,20 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import getpass
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from bench import report
+from bench import procs, report
+from bench.report import pct
 
 BIN = Path(sys.executable).parent
 ACCOUNT = "nobody" if os.geteuid() == 0 else getpass.getuser()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def pct(values: list[float], q: int) -> float:
-    v = sorted(values)
-    return v[min(len(v) - 1, round(q / 100 * (len(v) - 1)))]
-
-
-def start(argv: list[str], log: Path, ready: str) -> subprocess.Popen[bytes]:
-    out = open(log, "wb")
-    p = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    deadline = time.monotonic() + 30
-    while ready not in log.read_text(errors="replace"):
-        if p.poll() is not None or time.monotonic() > deadline:
-            raise SystemExit(f"bench.cpu: {argv[0]} did not start:\n{log.read_text()}")
-        time.sleep(0.02)
-    return p
 
 
 def timed(argv: list[str], n: int, **kw: object) -> list[float]:
@@ -85,6 +62,42 @@ async def sessions(port: int, n: int, argv: list[str]) -> list[float]:
     return out
 
 
+async def measure(args: argparse.Namespace, tmp: Path) -> list[tuple[str, float, str]]:
+    n_cli, n_sessions, n_local = (5, 10, 20) if args.quick else (40, 200, 400)
+    size = (16 if args.quick else 256) << 20
+    registry, cpu_port = f"127.0.0.1:{procs.free_port()}", procs.free_port()
+    await procs.Proc([str(BIN / "geryon-registryd"), "--listen", registry, "--data-dir",
+                      str(tmp / "reg")], tmp / "reg.log", ready="serving on").start()
+    await procs.Proc([str(BIN / "geryon"), "--registry", registry, "cpu", "serve", "--listen",
+                      f"127.0.0.1:{cpu_port}", "--node", "b", "--runas", f"@admin={ACCOUNT}"],
+                     tmp / "cpu.log", ready="serving on").start()  # fmt: skip
+    subprocess.run([str(BIN / "geryon"), "--registry", registry, "set", "--persist",
+                    f"tcp!127.0.0.1!{cpu_port}", "svc=rstyx", "host=b"],
+                   check=True, stdout=subprocess.DEVNULL)  # fmt: skip
+    local = timed([shutil.which("true") or "true"], n_local)
+    cli = timed([str(BIN / "geryon"), "--registry", registry, "cpu", "-n", "--", "true"], n_cli)
+    alone = await sessions(cpu_port, n_sessions, ["true"])
+    data = tmp / "data"
+    with open(data, "wb") as f:
+        for _ in range(size >> 20):
+            f.write(os.urandom(1 << 20))
+    os.chmod(data, 0o644)
+    pipe = min(timed(["sh", "-c", f"cat {data} | cat > /dev/null"], 3))
+    remote = min(await sessions(cpu_port, 3, ["cat", str(data)]))
+    mb = size / 1e6
+    return [
+        ("session start-up: `geryon cpu -- true`, p50", pct(cli, 50) * 1e3, "ms"),
+        ("session start-up: `geryon cpu -- true`, p99", pct(cli, 99) * 1e3, "ms"),
+        ("  a session alone (client running), p50", pct(alone, 50) * 1e3, "ms"),
+        ("  a session alone (client running), p99", pct(alone, 99) * 1e3, "ms"),
+        ("  local fork+exec of true, p50", pct(local, 50) * 1e3, "ms"),
+        ("  local fork+exec of true, p99", pct(local, 99) * 1e3, "ms"),
+        (f"stdout: cat of {size >> 20} MiB through a session (client running)", mb / remote,
+         "MB/s"),
+        (f"  local pipe: cat | cat of {size >> 20} MiB", mb / pipe, "MB/s"),
+    ]  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m bench.cpu", description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true",
@@ -92,65 +105,28 @@ def main(argv: list[str] | None = None) -> None:
                    help="a smoke run: few sessions, a 16 MiB file")  # fmt: skip
     p.add_argument("--out", type=Path, help="write the results here")
     args = p.parse_args(argv)
-    n_cli, n_sessions, n_local = (5, 10, 20) if args.quick else (40, 200, 400)
-    size = (16 if args.quick else 256) << 20
     tmp = Path(tempfile.mkdtemp(prefix="geryon-bench-cpu-"))
     os.chmod(tmp, 0o755)  # the file is read by the session's account
-    daemons: list[subprocess.Popen[bytes]] = []
     try:
-        reg_port, cpu_port = free_port(), free_port()
-        registry = f"127.0.0.1:{reg_port}"
-        daemons.append(start([str(BIN / "geryon-registryd"), "--listen", registry,
-                              "--data-dir", str(tmp / "reg")], tmp / "reg.log", "serving on"))
-        daemons.append(start([str(BIN / "geryon"), "--registry", registry, "cpu", "serve",
-                              "--listen", f"127.0.0.1:{cpu_port}", "--node", "b",
-                              "--runas", f"@admin={ACCOUNT}"], tmp / "cpu.log", "serving on"))
-        subprocess.run([str(BIN / "geryon"), "--registry", registry, "set", "--persist",
-                        f"tcp!127.0.0.1!{cpu_port}", "svc=rstyx", "host=b"], check=True)
-        geryon = [str(BIN / "geryon"), "--registry", registry, "cpu", "-n", "--"]
-        true = shutil.which("true") or "true"
-        local = timed([true], n_local)
-        cli = timed([*geryon, "true"], n_cli)
-        alone = asyncio.run(sessions(cpu_port, n_sessions, ["true"]))
-        data = tmp / "data"
-        with open(data, "wb") as f:
-            for _ in range(size >> 20):
-                f.write(os.urandom(1 << 20))
-        os.chmod(data, 0o644)
-        pipe = min(timed(["sh", "-c", f"cat {data} | cat > /dev/null"], 3))
-        remote = min(asyncio.run(sessions(cpu_port, 3, ["cat", str(data)])))
-        mb = size / 1e6
-        rows = [
-            ("session start-up: `geryon cpu -- true`, p50", pct(cli, 50) * 1e3, "ms"),
-            ("session start-up: `geryon cpu -- true`, p99", pct(cli, 99) * 1e3, "ms"),
-            ("  a session alone (client running), p50", pct(alone, 50) * 1e3, "ms"),
-            ("  a session alone (client running), p99", pct(alone, 99) * 1e3, "ms"),
-            ("  local fork+exec of true, p50", pct(local, 50) * 1e3, "ms"),
-            ("  local fork+exec of true, p99", pct(local, 99) * 1e3, "ms"),
-            (f"stdout: cat of {size >> 20} MiB through a session (client running)", mb / remote,
-             "MB/s"),
-            (f"  local pipe: cat | cat of {size >> 20} MiB", mb / pipe, "MB/s"),
-        ]
-        width = max(len(r[0]) for r in rows)
-        print(f"{'cpu sessions':<{width}}  {'figure':>10}")
-        for label, value, unit in rows:
-            print(f"{label:<{width}}  {value:>10.2f} {unit}")
-        print(f"(a session alone / local fork+exec, p50: {pct(alone, 50) / pct(local, 50):.1f}x; "
-              f"session stdout / local pipe: {pipe / remote:.2f}x)")  # fmt: skip
-        out = args.out or (None if args.quick else report.RESULTS / "cpu-latest.json")
-        if out is not None:
-            doc = {
-                "rows": [{"operation": r[0], "value": round(r[1], 3), "unit": r[2]} for r in rows],
-                "machine": report.machine({"kernel": os.uname().release}),
-                "commit": report.commit(),
-            }
-            report.save(out, doc, stem="cpu", copy=args.out is None)
+        rows = asyncio.run(measure(args, tmp))
     finally:
-        for d in daemons:
-            d.terminate()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                d.wait(10)
+        procs.kill_all()
         shutil.rmtree(tmp, ignore_errors=True)
+    width = max(len(r[0]) for r in rows)
+    print(f"{'cpu sessions':<{width}}  {'figure':>10}")
+    for label, value, unit in rows:
+        print(f"{label:<{width}}  {value:>10.2f} {unit}")
+    alone, local, remote, pipe = rows[2][1], rows[4][1], rows[6][1], rows[7][1]
+    print(f"(a session alone / local fork+exec, p50: {alone / local:.1f}x; "
+          f"session stdout / local pipe: {remote / pipe:.2f}x)")  # fmt: skip
+    out = args.out or (None if args.quick else report.RESULTS / "cpu-latest.json")
+    if out is not None:
+        doc = {
+            "rows": [{"operation": r[0], "value": round(r[1], 3), "unit": r[2]} for r in rows],
+            "machine": report.machine({"kernel": os.uname().release}),
+            "commit": report.commit(),
+        }
+        report.save(out, doc, stem="cpu", copy=args.out is None)
 
 
 if __name__ == "__main__":

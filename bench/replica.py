@@ -121,6 +121,7 @@ from bench.disk import (
     sweep_stale,
     unmount,
 )
+from bench.report import pct
 from geryon.client import Client
 from geryon.disk import client as styx_client
 
@@ -835,17 +836,6 @@ async def round_solo(tmp: Path, s: Sizes, res: Results, r: int, mount: bool) -> 
 
 def _ms(x: float | None) -> str:
     return "-" if x is None else f"{x * 1e3:.0f} ms"
-
-
-def pct(values: list[float], q: float) -> float:
-    """The Q-th percentile (linear between the closest ranks)."""
-    xs = sorted(values)
-    if not xs:
-        return float("nan")
-    k = (len(xs) - 1) * q / 100
-    lo = int(k)
-    hi = min(lo + 1, len(xs) - 1)
-    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
 
 
 def _med(xs: list[float | None]) -> float | None:

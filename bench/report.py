@@ -26,6 +26,17 @@ RESULTS = Path(__file__).resolve().parent / "results"
 ROOT = RESULTS.parent.parent
 
 
+def pct(values: list[float], q: float) -> float:
+    """The Q-th percentile (linear between the closest ranks)."""
+    xs = sorted(values)
+    if not xs:
+        return float("nan")
+    k = (len(xs) - 1) * q / 100
+    lo = int(k)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
+
+
 def build_rows(rows: list[Row], values: dict[str, dict[str, list[float]]]) -> list[dict[str, Any]]:
     """One dict per row: medians, ratio, fraction of echo, every round."""
     med: dict[str, dict[str, float | None]] = {}

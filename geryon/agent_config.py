@@ -439,6 +439,14 @@ def _health(t: _Table, default_type: str) -> HealthSpec:
     return spec
 
 
+def _claim(t: _Table, k: str, port: int | None, ports: dict[int, str]) -> None:
+    """Key K asks for PORT (0: any free one): one fixed port per service."""
+    if port:
+        if port in ports:
+            t.problem(k, f"port {port} is also {ports[port]}")
+        ports.setdefault(port, t.key(k))
+
+
 def _positive(n: int) -> int:
     if n < 1:
         raise ValueError(f"want at least 1, got {n}")
@@ -544,10 +552,7 @@ def parse(data: Mapping[str, Any], path: Path) -> AgentConfig:
                     t.problem("path", f"{cpath!r} is also {paths[p]}.path")
                 paths.setdefault(p, where)
                 cpath = p
-        if port:
-            if port in ports:
-                t.problem("port", f"port {port} is also {ports[port]}.port")
-            ports.setdefault(port, where)
+        _claim(t, "port", port, ports)
         if users is not None:
             users = Path(os.path.abspath(path.parent / users))
             if not users.is_file():
@@ -601,10 +606,8 @@ def parse(data: Mapping[str, Any], path: Path) -> AgentConfig:
         attrs = _strings(t, "attrs", attrs=True, own=LISTENER_OWN_ATTRS)
         env = _strings(t, "env", attrs=False)
         t.finish(LISTENER_KEYS)
-        if addr is not None and addr.port:
-            if addr.port in ports:
-                t.problem("addr", f"port {addr.port} is also {ports[addr.port]}")
-            ports.setdefault(addr.port, f"{where}.addr")
+        if addr is not None:
+            _claim(t, "addr", addr.port, ports)
         if addr is not None and command:
             n = per_addr[addr] = per_addr.get(addr, -1) + 1
             listeners.append(
@@ -635,10 +638,7 @@ def parse(data: Mapping[str, Any], path: Path) -> AgentConfig:
         for line in RunAs(runas, allow_root=bool(allow_root)).check():
             key, _, what = line.partition(": ")
             t.problem(f"runas.{key}", what)
-        if port:
-            if port in ports:
-                t.problem("port", f"port {port} is also {ports[port]}")
-            ports.setdefault(port, f"{where}.port")
+        _claim(t, "port", port, ports)
         cpus.append(
             CpuSpec(
                 i, runas=runas, allow_root=bool(allow_root), max_sessions=max_sessions,

@@ -194,26 +194,29 @@ async def _drive(session: cpu_client.Session, *, no_stdin: bool, raw: bool) -> i
     return session.exit.shell_status
 
 
+def _pairs(items: list[str] | None, flag: str, want: str) -> dict[str, str]:
+    """NAME=VALUE arguments of FLAG; ValueError names a bad one."""
+    out: dict[str, str] = {}
+    for item in items or ():
+        k, sep, v = item.partition("=")
+        if not sep or not k:
+            raise ValueError(f"{flag}: want {want}, got {item!r}")
+        out[k] = v
+    return out
+
+
 async def cmd_cpu(args: argparse.Namespace) -> int:
     command = list(args.command)
     if command and command[0] == "--":
         command = command[1:]
     if command and command[0] == "serve" and args.command[0] != "--":
         return await cmd_serve(args, command[1:])
-    attrs: dict[str, str] = {}
-    for item in args.attr or ():
-        k, sep, v = item.partition("=")
-        if not sep or not k:
-            _say(f"--attr: want A=V, got {item!r}")
-            return 2
-        attrs[k] = v
-    env: dict[str, str] = {}
-    for item in args.env or ():
-        k, sep, v = item.partition("=")
-        if not sep or not k:
-            _say(f"--env: want VAR=VALUE, got {item!r}")
-            return 2
-        env[k] = v
+    try:
+        attrs = _pairs(args.attr, "--attr", "A=V")
+        env = _pairs(args.env, "--env", "VAR=VALUE")
+    except ValueError as exc:
+        _say(str(exc))
+        return 2
     use_tty = args.tty if args.tty is not None else (not command and os.isatty(0))
     raw = use_tty and os.isatty(0)
     start = cpu_client.start_message(
@@ -326,12 +329,11 @@ async def cmd_serve(args: argparse.Namespace, argv: list[str]) -> int:
     from geryon.cpu.service import Limits
 
     opts = _serve_parser().parse_args(argv)
-    host, sep, port_text = opts.listen.rpartition(":")
-    host = host.strip("[]")
-    if not sep or not host or not port_text.isdigit() or int(port_text) > 65535:
-        _say(f"serve: --listen: bad address {opts.listen!r} (want HOST:PORT or *:PORT)")
+    try:
+        host, port = endpoints.parse_listen(opts.listen)
+    except ValueError as exc:
+        _say(f"serve: --listen: {exc}")
         return 2
-    port = int(port_text)
     if opts.max_sessions < 1 or opts.max_sessions_per_identity < 1:
         _say("serve: --max-sessions and --max-sessions-per-identity: want at least 1")
         return 2

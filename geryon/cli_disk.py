@@ -61,12 +61,10 @@ def _mode(text: str) -> int:
 
 
 def _listen(text: str) -> tuple[str, int]:
-    """HOST:PORT to listen on (HOST * for every address, IPv4 and IPv6); port 0
-    picks a free one (the ready line says which)."""
-    host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or int(port) > 65535:
-        raise argparse.ArgumentTypeError(f"bad address {text!r} (want HOST:PORT or *:PORT)")
-    return host.strip("[]"), int(port)
+    try:
+        return endpoints.parse_listen(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def split_target(text: str) -> tuple[str, str]:

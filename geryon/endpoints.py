@@ -18,6 +18,15 @@ def parse_hostport(text: str) -> tuple[str, int]:
     return host, int(port)
 
 
+def parse_listen(text: str) -> tuple[str, int]:
+    """HOST:PORT to listen on (HOST * for every address, IPv4 and IPv6); port
+    0 picks a free one (a server's ready line says which)."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise ValueError(f"bad address {text!r} (want HOST:PORT or *:PORT)")
+    return host.strip("[]"), int(port)
+
+
 def split(text: str) -> list[str]:
     """The addresses of a comma-separated list, in order, blanks dropped."""
     return [part.strip() for part in text.split(",") if part.strip()]

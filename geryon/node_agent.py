@@ -150,26 +150,134 @@ class Unit:
         return True
 
 
-class ChunkUnit(Unit):
+class CannotStart(Exception):
+    """A service's process cannot be started this time: why, for the log."""
+
+
+class ChildUnit(Unit):
+    """A service that is one child process (a ChildService): restarted as its
+    policy says, health-checked, its entry's own figures kept by ``track``."""
+
+    spec: ChunkSpec | CpuSpec
+
+    def __init__(self, agent: Agent, spec: ChunkSpec | CpuSpec) -> None:
+        super().__init__(agent, spec)
+        self.child: ChildService | None = None
+        self.figures: dict[str, str] = {}  # what track() read last
+
+    def attrs(self) -> dict[str, str]:
+        return {**self.spec.announced_attrs, **self.figures}
+
+    def update(self, spec: ChunkSpec | ListenerSpec | CpuSpec) -> None:
+        """Only the attributes changed: apply them to the running entry."""
+        assert isinstance(spec, ChunkSpec | CpuSpec)
+        self.spec = spec
+        if self.child is not None:
+            self.child.set_attrs(self.attrs())
+
+    def command(self) -> tuple[str, ...] | None:
+        """The argv to run; None (logged) when it can never run as configured;
+        CannotStart when not this time."""
+        raise NotImplementedError
+
+    def values(self) -> dict[str, str]:
+        """Placeholders for the command and the health check, beside {port}."""
+        return {}
+
+    def env(self) -> dict[str, str]:
+        """The configured environment (also the health command's)."""
+        return {}
+
+    def child_env(self) -> dict[str, str]:
+        return self.env()
+
+    async def track(self, child: ChildService, port: int) -> None:
+        """Keep the entry's own figures current (``keep``); none by default."""
+
+    def keep(self, child: ChildService, figures: dict[str, str]) -> None:
+        if figures != self.figures:
+            self.figures = figures
+            child.set_attrs(self.attrs())
+
+    async def run(self) -> None:
+        backoff = Backoff(self.spec.restart.delay, self.spec.restart.max_delay)
+        while True:
+            spec = self.spec  # update() may have changed its attributes
+            began = time.monotonic()
+            returncode: int | None = None
+            try:
+                command = self.command()
+            except CannotStart as exc:
+                why = str(exc)
+            else:
+                if not command:
+                    return
+                self.child = ChildService(
+                    self.node, command, attrs=self.attrs(), port=spec.port,
+                    env=self.child_env(), values=self.values(), ready_timeout=spec.ready_timeout,
+                )  # fmt: skip
+                returncode = await self.child.run(on_ready=self._ready)
+                why = procs.describe(returncode)
+            if not await self.restart_after(returncode, why, began, backoff):
+                return
+
+    async def _ready(self) -> None:
+        self.settled.set()
+        child = self.child
+        assert child is not None and child.name
+        port = int(child.name.rsplit("!", 1)[1])
+        health = self.spec.health
+        checker = Checker(
+            health,
+            host=self.node.probe_host,
+            port=port,
+            keeper=self.node.keeper,
+            command=substitute(
+                health.command,
+                {**self.values(), "host": self.node.host, "port": str(port), "addr": child.name},
+            ),
+            env=self.env(),
+        )
+
+        def report(state: str, why: str) -> None:
+            log.warning("%s: %s health %s (%s)", self.who, child.name, state, why)
+            child.set_health(state)
+
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(checker.run(report))
+            tg.create_task(self.track(child, port))
+
+
+class ChunkUnit(ChildUnit):
     spec: ChunkSpec
 
     def __init__(self, agent: Agent, spec: ChunkSpec) -> None:
         super().__init__(agent, spec)
-        self.child: ChildService | None = None
-        self.usage: dict[str, str] = {}  # a disk's size and used, as last read
+        self._warned = False  # of a size that differs, once
 
     def values(self) -> dict[str, str]:
         return {"path": str(self.spec.path), "id": self.spec.id}
 
-    def attrs(self) -> dict[str, str]:
-        return {**self.spec.announced_attrs, **self.usage}
+    def env(self) -> dict[str, str]:
+        return dict(self.spec.env)
 
-    def update(self, spec: ChunkSpec | ListenerSpec) -> None:
-        """Only the attributes changed: apply them to the running entry."""
-        assert isinstance(spec, ChunkSpec)
-        self.spec = spec
-        if self.child is not None:
-            self.child.set_attrs(self.attrs())
+    def child_env(self) -> dict[str, str]:
+        spec = self.spec
+        return {**spec.env, "GERYON_CHUNK_ID": spec.id, "GERYON_CHUNK_PATH": str(spec.path)}
+
+    def command(self) -> tuple[str, ...] | None:
+        spec = self.spec
+        if spec.is_disk:
+            return self.disk_command()
+        try:
+            if ensure_chunk_file(spec.path, spec.size):
+                log.info("%s: created %s, %d bytes", self.who, spec.path, spec.size)
+            elif (have := spec.path.stat().st_size) != spec.size and not self._warned:
+                self._warned = True  # left as it is: a chunk's data is never cut
+                log.warning("%s: %s holds %d bytes, not %d", self.who, spec.path, have, spec.size)
+        except OSError as exc:
+            raise CannotStart(f"cannot create {spec.path}: {exc.strerror}") from None
+        return spec.command
 
     def disk_command(self) -> tuple[str, ...] | None:
         """`geryon disk serve` for this chunk; None (logged) when it cannot be
@@ -209,111 +317,26 @@ class ChunkUnit(Unit):
                 pass  # the agent has already said what is wrong with it
         return getpass.getuser()
 
-    async def run(self) -> None:
-        backoff = Backoff(self.spec.restart.delay, self.spec.restart.max_delay)
-        warned = False
-        while True:
-            spec = self.spec  # update() may have changed its attributes
-            began = time.monotonic()
-            returncode: int | None = None
-            command = spec.command
-            try:
-                if spec.is_disk:
-                    command = self.disk_command() or ()
-                    if not command:
-                        return
-                elif ensure_chunk_file(spec.path, spec.size):
-                    log.info("%s: created %s, %d bytes", self.who, spec.path, spec.size)
-                elif (have := spec.path.stat().st_size) != spec.size and not warned:
-                    warned = True  # left as it is: a chunk's data is never cut
-                    log.warning(
-                        "%s: %s holds %d bytes, not %d", self.who, spec.path, have, spec.size
-                    )
-            except OSError as exc:
-                why = f"cannot create {spec.path}: {exc.strerror}"
-            else:
-                self.child = ChildService(
-                    self.node,
-                    command,
-                    attrs=self.attrs(),
-                    port=spec.port,
-                    env={
-                        **spec.env,
-                        "GERYON_CHUNK_ID": spec.id,
-                        "GERYON_CHUNK_PATH": str(spec.path),
-                    },
-                    values=self.values(),
-                    ready_timeout=spec.ready_timeout,
-                )
-                returncode = await self.child.run(on_ready=self._ready)
-                why = procs.describe(returncode)
-            if not await self.restart_after(returncode, why, began, backoff):
-                return
-
-    async def _ready(self) -> None:
-        self.settled.set()
-        child = self.child
-        assert child is not None and child.name
-        port = int(child.name.rsplit("!", 1)[1])
-        health = self.spec.health
-        checker = Checker(
-            health,
-            host=self.node.probe_host,
-            port=port,
-            keeper=self.node.keeper,
-            command=substitute(
-                health.command,
-                {**self.values(), "host": self.node.host, "port": str(port), "addr": child.name},
-            ),
-            env=self.spec.env,
-        )
-
-        def report(state: str, why: str) -> None:
-            log.warning("%s: %s health %s (%s)", self.who, child.name, state, why)
-            child.set_health(state)
-
-        async with asyncio.TaskGroup() as tg:
-            tg.create_task(checker.run(report))
-            if self.spec.is_disk:
-                tg.create_task(self._track_usage(child))
-
-    async def _track_usage(self, child: ChildService) -> None:
+    async def track(self, child: ChildService, port: int) -> None:
         """Keep the entry's size and used true to the disk (read beside the
         server: SQLite's WAL readers do not block it)."""
-        while True:
+        while self.spec.is_disk:
             try:
                 u = await asyncio.to_thread(disk_fs.usage, self.spec.path)
             except Exception as exc:  # a disk mid-format or damaged: say so, keep going
                 log.debug("%s: cannot read usage: %s", self.who, exc)
             else:
                 # The position (seq) and epoch: where a replica stands, at a glance.
-                usage = {"size": str(u.capacity), "used": str(u.used), "applied": str(u.seq),
-                         "epoch": str(u.epoch)}  # fmt: skip
-                if usage != self.usage:
-                    self.usage = usage
-                    child.set_attrs(self.attrs())
+                self.keep(child, {"size": str(u.capacity), "used": str(u.used),
+                                  "applied": str(u.seq), "epoch": str(u.epoch)})  # fmt: skip
             await asyncio.sleep(USAGE_INTERVAL)
 
 
-class CpuUnit(Unit):
+class CpuUnit(ChildUnit):
     """A [[cpu]]: `geryon cpu serve` announced as svc=rstyx, its ncpu, load
     and sessions read from the server every USAGE_INTERVAL seconds."""
 
     spec: CpuSpec
-
-    def __init__(self, agent: Agent, spec: CpuSpec) -> None:
-        super().__init__(agent, spec)
-        self.child: ChildService | None = None
-        self.figures: dict[str, str] = {}
-
-    def attrs(self) -> dict[str, str]:
-        return {**self.spec.announced_attrs, **self.figures}
-
-    def update(self, spec: ChunkSpec | ListenerSpec | CpuSpec) -> None:
-        assert isinstance(spec, CpuSpec)
-        self.spec = spec
-        if self.child is not None:
-            self.child.set_attrs(self.attrs())
 
     def command(self) -> tuple[str, ...] | None:
         config = self.agent.config
@@ -338,43 +361,7 @@ class CpuUnit(Unit):
             argv += ["--allow-root"]
         return tuple(argv)
 
-    async def run(self) -> None:
-        backoff = Backoff(self.spec.restart.delay, self.spec.restart.max_delay)
-        while True:
-            spec = self.spec
-            began = time.monotonic()
-            command = self.command()
-            if not command:
-                self.settled.set()
-                return
-            self.child = ChildService(
-                self.node, command, attrs=self.attrs(), port=spec.port,
-                ready_timeout=spec.ready_timeout,
-            )  # fmt: skip
-            returncode = await self.child.run(on_ready=self._ready)
-            if not await self.restart_after(returncode, procs.describe(returncode), began, backoff):
-                return
-
-    async def _ready(self) -> None:
-        self.settled.set()
-        child = self.child
-        assert child is not None and child.name
-        port = int(child.name.rsplit("!", 1)[1])
-        checker = Checker(
-            self.spec.health, host=self.node.probe_host, port=port, keeper=self.node.keeper,
-            command=substitute(self.spec.health.command,
-                               {"host": self.node.host, "port": str(port), "addr": child.name}),
-        )  # fmt: skip
-
-        def report(state: str, why: str) -> None:
-            log.warning("%s: %s health %s (%s)", self.who, child.name, state, why)
-            child.set_health(state)
-
-        async with asyncio.TaskGroup() as tg:
-            tg.create_task(checker.run(report))
-            tg.create_task(self._track_figures(child, port))
-
-    async def _track_figures(self, child: ChildService, port: int) -> None:
+    async def track(self, child: ChildService, port: int) -> None:
         """Keep the entry's ncpu, load and sessions true to the server."""
         tls_dir = self.agent.config.tls_dir
         owner = tls.identity_of_dir(tls_dir).name if tls_dir else ""
@@ -385,11 +372,8 @@ class CpuUnit(Unit):
             except errors.GeryonError as exc:
                 log.debug("%s: cannot read the cpu's status: %s", self.who, exc)
             else:
-                figures = {"ncpu": str(st.ncpu), "load": f"{st.load:.2f}",
-                           "sessions": str(st.sessions)}  # fmt: skip
-                if figures != self.figures:
-                    self.figures = figures
-                    child.set_attrs(self.attrs())
+                self.keep(child, {"ncpu": str(st.ncpu), "load": f"{st.load:.2f}",
+                                  "sessions": str(st.sessions)})  # fmt: skip
             await asyncio.sleep(USAGE_INTERVAL)
 
 

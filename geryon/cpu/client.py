@@ -156,7 +156,6 @@ class Session:
         self._stdin_sent = 0
         self._stdin_acked = 0
         self._stdin_moved = asyncio.Event()
-        self._received = 0
         self._consumed = 0
         self._acked = 0
         self._ack_every = 1
@@ -184,33 +183,27 @@ class Session:
             raise error_from_rpc(exc) from None
         if first is grpc.aio.EOF:
             raise errors.Unavailable("the cpu ended the session before it started")
-        if first.WhichOneof("kind") == "started":
-            self.started = first.started
-            self._ack_every = max(1, first.started.output_window // 4)
-        else:
-            self._pending = first  # e.g. "command not found" and its exit
+        if first.WhichOneof("kind") != "started":
+            self._call.cancel()
+            raise errors.Internal("cpu: the service answered a start without starting")
+        self.started = first.started
+        self._ack_every = max(1, first.started.output_window // 4)
         return first.started
 
     async def output(self) -> AsyncIterator[tuple[int, bytes]]:
         """(1 or 2, bytes) until the command's exit (then ``self.exit`` is set).
         Call ``consumed`` for each piece once it is written out."""
-        pending = getattr(self, "_pending", None)
         while True:
-            if pending is not None:
-                msg, pending = pending, None
-            else:
-                try:
-                    msg = await self._call.read()
-                except grpc.aio.AioRpcError as exc:
-                    raise error_from_rpc(exc) from None
+            try:
+                msg = await self._call.read()
+            except grpc.aio.AioRpcError as exc:
+                raise error_from_rpc(exc) from None
             if msg is grpc.aio.EOF:
                 raise errors.Unavailable("the session ended without an exit status")
             kind = msg.WhichOneof("kind")
             if kind == "stdout":
-                self._received += len(msg.stdout)
                 yield 1, msg.stdout
             elif kind == "stderr":
-                self._received += len(msg.stderr)
                 yield 2, msg.stderr
             elif kind == "stdin_consumed":
                 self._stdin_acked = max(self._stdin_acked, msg.stdin_consumed)

@@ -173,10 +173,6 @@ def command_line(
     return chain
 
 
-def _nonblocking(fd: int) -> None:
-    os.set_blocking(fd, False)
-
-
 def _wake(ready: asyncio.Future[None]) -> None:
     if not ready.done():
         ready.set_result(None)
@@ -279,7 +275,7 @@ class Process:
                 os.close(fd)
         keeper.watch(proc.pid)
         for fd in ours:
-            _nonblocking(fd)
+            os.set_blocking(fd, False)
         self = cls(proc, stdin=stdin_w, outputs=outputs, pty=spec.term is not None, keeper=keeper)
         if "GERYON_SESSION" in env:
             self.tag = f"GERYON_SESSION={env['GERYON_SESSION']}".encode()

@@ -44,6 +44,7 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.disk
 	$(BIN)/python -m bench.replica
 	$(BIN)/python -m bench.cpu
+	$(BIN)/python -m bench.flood
 
 lint: $(STAMP)
 	$(BIN)/ruff check geryon tests bench

@@ -22,8 +22,8 @@ from geryon.convert import pb
 
 BIN = Path(sys.executable).parent
 READY = "serving on"
-# Every benchmark client is the one plaintext identity, so the per-identity
-# write and keepalive quotas would measure the quota, not the registry.
+# The per-identity write and keepalive quotas would measure the quota, not
+# the registry (over plain text each connection has its own).
 QUOTAS_OFF = ["--write-rate", "0", "--keepalive-rate", "0"]
 
 

@@ -26,8 +26,7 @@ from geryon.cli_disk import add_disk_commands
 from geryon.cli_mount import add_mount_commands
 from geryon.client import DEFAULT_REGISTRY, Client, WatchMessage
 from geryon.endpoints import registry_address
-from geryon.model import ROLES, Event, Service, validate_attr_name
-from geryon.ndb import quote
+from geryon.model import ROLES, Event, Service, escape, validate_attr_name
 from geryon.resolve import add_resolve_command
 
 Handler = Callable[[argparse.Namespace], Awaitable[int]]
@@ -68,11 +67,22 @@ def _registry(text: str) -> str:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def word(text: str) -> str:
+    """One word of registry(4)'s text, quoted as Inferno's %q does: in single
+    quotes (doubled inside) when empty or holding a quote or a character at or
+    below space; here also any other white space, so one word never reads as
+    two. Backslashes and hidden characters are escaped (model.escape): an
+    entry stays on one line, and a NUL shows instead of ending the word."""
+    if text and not any(c <= " " or c == "'" or c.isspace() for c in text):
+        return escape(text)
+    return "'" + escape(text).replace("'", "''") + "'"
+
+
 def text_line(s: Service) -> str:
-    """registry(4)'s text format: the name, then attr value pairs, %q-quoted."""
-    words = [quote(s.name)]
+    """registry(4)'s text format: the name, then attr value pairs, each a word()."""
+    words = [word(s.name)]
     for attr in sorted(s.attrs):
-        words += [quote(attr), quote(s.attrs[attr])]
+        words += [word(attr), word(s.attrs[attr])]
     return " ".join(words)
 
 
@@ -114,7 +124,7 @@ async def cmd_ls(args: argparse.Namespace) -> int:
         print(json.dumps([service_json(s) for s in services], indent=1))
     else:
         for s in services:
-            print(s.name if args.n else text_line(s))
+            print(escape(s.name) if args.n else text_line(s))
     return 0
 
 
@@ -210,7 +220,7 @@ async def cmd_leases(args: argparse.Namespace) -> int:
         for lease in leases:
             print(
                 f"{lease.id} ttl {lease.ttl_ms}ms remaining {lease.remaining_ms}ms "
-                f"owner {quote(lease.owner)} services {lease.services}"
+                f"owner {word(lease.owner)} services {lease.services}"
             )
     return 0
 
@@ -339,7 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--json", action="store_true", help="JSON lines")
     w.set_defaults(run=cmd_watch)
 
-    le = sub.add_parser("leases", help="list live leases")
+    le = sub.add_parser("leases", help="list live leases (yours; an admin sees every one)")
     le.add_argument("--json", action="store_true")
     le.set_defaults(run=cmd_leases)
 

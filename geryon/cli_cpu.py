@@ -28,6 +28,7 @@ import tty
 from geryon import endpoints, errors
 from geryon.client import Client
 from geryon.cpu import client as cpu_client
+from geryon.model import escape
 
 FAILED = 255
 FORWARDED = {
@@ -278,12 +279,12 @@ async def _open(
         try:
             await session.open(within=min(args.timeout, cpu_client.CONNECT_TIMEOUT_S))
         except (errors.Unavailable, errors.DeadlineExceeded) as exc:
-            last = f"{cpu.name} ({cpu.node}): unreachable: {exc}"
+            last = f"{cpu.name} ({escape(cpu.node)}): unreachable: {exc}"
             await ch.close()
             continue
         except errors.GeryonError as exc:
             await ch.close()
-            raise Failed(f"{cpu.name} ({cpu.node}): {exc}") from None
+            raise Failed(f"{cpu.name} ({escape(cpu.node)}): {exc}") from None
         return session, cpu
     raise Failed(last)
 

@@ -34,6 +34,7 @@ from geryon.client import Client
 from geryon.disk import client as styx_client
 from geryon.disk import fs, styx
 from geryon.disk import users as users_mod
+from geryon.model import escape
 from geryon.resolve import Unresolved, disk_entry
 
 
@@ -448,7 +449,7 @@ async def cmd_df(args: argparse.Namespace) -> int:
             pct = f"{100 * used // size}%" if size else "-"
             print(
                 f"{name:<16} {_human(size):>10} {_human(used):>10} "
-                f"{_human(max(size - used, 0)):>10} {pct:>5}  {addr}"
+                f"{_human(max(size - used, 0)):>10} {pct:>5}  {escape(addr)}"
             )
     return 1 if bad else 0
 
@@ -534,11 +535,14 @@ async def cmd_status(args: argparse.Namespace) -> int:
         mode = "synchronous" if h["sync"] else "asynchronous"
         if h["sync"]:
             mode += ", in sync" if h["in_sync"] else ", OUT OF SYNC (writes are asynchronous)"
-        print(f"{h['disk']}: epoch {h['epoch']}, {mode}, serving {h['serving']} {h['addr']}")
+        # Entries' values and chunks' answers, escaped: each row stays one line.
+        serving, addr = escape(str(h["serving"])), escape(str(h["addr"]))
+        print(f"{h['disk']}: epoch {h['epoch']}, {mode}, serving {serving} {addr}")
         for r in h["chunks"]:  # type: ignore[attr-defined]
-            where = f"  {r['role']:<8} {r['chunk']:<20} {r['addr'] or '-':<24}"
+            chunk, addr = escape(str(r["chunk"])), escape(str(r["addr"] or "-"))
+            where = f"  {r['role']:<8} {chunk:<20} {addr:<24}"
             if "state" in r:
-                print(f"{where} {r['state']}")
+                print(f"{where} {escape(str(r['state']))}")
                 continue
             what = f"seq {r['seq']} epoch {r['epoch']}"
             what += " writable" if r["writable"] else " read-only"
@@ -547,7 +551,7 @@ async def cmd_status(args: argparse.Namespace) -> int:
             if r.get("following"):
                 what += f", lag {r['lag']} changes {r['lag_s']}s"
                 if r.get("error"):
-                    what += f" ({r['error']})"
+                    what += f" ({escape(str(r['error']))})"
             elif r["role"] == "standby":
                 what += ", not following (no live primary)"
             print(f"{where} {what}")
@@ -560,24 +564,25 @@ async def cmd_promote(args: argparse.Namespace) -> int:
         if len(chunks) < 2:
             raise Failed(f"{args.name} has no replica (its ndb entry names none)")
         (_, primary, p_addr, _), (_, standby, s_addr, st) = chunks
+        shown_p, shown_s = escape(primary), escape(standby)  # for messages: one line each
         epoch = int(s.attrs.get("epoch", "1"))
         if s_addr is None:
-            raise Failed(f"{args.name}: its replica {standby} is not running")
+            raise Failed(f"{args.name}: its replica {shown_s} is not running")
         if p_addr is not None and not args.force:
             raise Failed(
-                f"{args.name}: its primary {primary} is live at {p_addr}; stop it first, "
+                f"{args.name}: its primary {shown_p} is live at {p_addr}; stop it first, "
                 "or --force to switch now (its unreplicated changes go to /recovered)"
             )
         fol = st.get("following") if isinstance(st, dict) else None
         if not args.force:
             if not isinstance(fol, dict):
                 raise Failed(
-                    f"{args.name}: {standby} has not followed {primary} since it started, "
+                    f"{args.name}: {shown_s} has not followed {shown_p} since it started, "
                     "so it may lack changes (--force to promote anyway)"
                 )
             if not fol.get("safe"):
                 raise Failed(
-                    f"{args.name}: {standby} applied seq {st['seq']}, but {primary} had "  # type: ignore[index]
+                    f"{args.name}: {shown_s} applied seq {st['seq']}, but {shown_p} had "  # type: ignore[index]
                     f"acknowledged seq {fol.get('primary_acked')}: promoting loses those "
                     "changes (--force to accept)"
                 )
@@ -592,7 +597,7 @@ async def cmd_promote(args: argparse.Namespace) -> int:
         # Until the new primary takes its role, writes would still be refused.
         if sys.stderr.isatty():
             print(f"geryon: disk promote: epoch {epoch + 1} written; waiting (up to "
-                  f"{args.timeout:g}s) for {standby} to take writes", file=sys.stderr)  # fmt: skip
+                  f"{args.timeout:g}s) for {shown_s} to take writes", file=sys.stderr)  # fmt: skip
         deadline = asyncio.get_running_loop().time() + args.timeout
         while asyncio.get_running_loop().time() < deadline:
             with contextlib.suppress(styx_client.Gone, styx_client.StyxError, ValueError):
@@ -604,10 +609,10 @@ async def cmd_promote(args: argparse.Namespace) -> int:
             await asyncio.sleep(0.2)
         else:
             raise Failed(
-                f"{args.name}: promoted {standby} to epoch {epoch + 1}, but it is not "
+                f"{args.name}: promoted {shown_s} to epoch {epoch + 1}, but it is not "
                 f"writable yet after {args.timeout:g}s"
             )
-    print(f"{args.name}: {standby} is the primary at epoch {epoch + 1}")
+    print(f"{args.name}: {shown_s} is the primary at epoch {epoch + 1}")
     return 0
 
 

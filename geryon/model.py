@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import re
+import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -25,6 +26,20 @@ MAX_VALUE_BYTES = 1024
 MAX_ATTRS = 64
 ATTR_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 WILDCARD = "*"
+
+# Characters that change how the text around them shows on a terminal, or
+# break it into lines: controls (C0, DEL, C1), format characters (the bidi
+# overrides and isolates, zero-width spaces and joiners, U+FEFF), the line
+# and paragraph separators, and lone surrogates (no UTF-8 form, so
+# unprintable). Names may not hold them; text output escapes them.
+HIDDEN = {
+    "Cc": "a control character",
+    "Cf": "a format character",
+    "Zl": "a line separator",
+    "Zp": "a paragraph separator",
+    "Cs": "a surrogate",
+}
+_ESCAPES = {"\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
 
 # Lease TTL bounds, in milliseconds. The floor keeps a keepalive every
 # ttl/3 from becoming a busy loop; the ceiling keeps dead leases from
@@ -104,20 +119,51 @@ def _utf8(text: str, field_name: str, what: str) -> bytes:
         raise InvalidArgument(f"{field_name}: {what} is not valid UTF-8") from None
 
 
-def validate_name(name: str, field_name: str = "name") -> str:
-    """Check a service name; return it or raise InvalidArgument naming the field."""
+def validate_name(name: str, field_name: str = "name", *, new: bool = True) -> str:
+    """Check a service name; return it or raise InvalidArgument naming the field.
+
+    ``new=False`` for a name that only looks an entry up (get, update, remove,
+    loading the store): one stored before format and separator characters
+    were refused must stay reachable, to be removed."""
     if not name:
         raise InvalidArgument(f"{field_name}: empty service name")
     if len(_utf8(name, field_name, "service name")) > MAX_NAME_BYTES:
         raise InvalidArgument(f"{field_name}: service name longer than {MAX_NAME_BYTES} bytes")
     if name in RESERVED_NAMES:
         raise InvalidArgument(f"{field_name}: {name!r} is a reserved name")
+    if " " in name or "/" in name:
+        raise InvalidArgument(f"{field_name}: service name {name!r} holds a space or '/'")
+    if name.isprintable():  # nothing HIDDEN (the common case, fast)
+        return name
     for ch in name:
-        if ch == " " or ch == "/" or ord(ch) < 0x20 or 0x7F <= ord(ch) < 0xA0:
+        category = unicodedata.category(ch)
+        # Controls were always refused; the others only in new names.
+        if (kind := HIDDEN.get(category)) and (new or category == "Cc"):
+            # repr escapes every HIDDEN character, so the message is one line.
             raise InvalidArgument(
-                f"{field_name}: service name {name!r} holds a space, '/' or control character"
+                f"{field_name}: service name {name!r} holds U+{ord(ch):04X}, {kind}"
             )
     return name
+
+
+def escape(text: str) -> str:
+    """``text`` for a terminal: each backslash and HIDDEN character written as
+    Python writes it in a string literal (``\\\\``, ``\\n``, ``\\x1b``, ``\\u202e``).
+
+    The result is one line that shows what is stored: nothing in it moves the
+    cursor or reorders what follows, and it reads back as exactly ``text``.
+    """
+    if text.isprintable() and "\\" not in text:
+        return text
+    out = []
+    for ch in text:
+        if ch in _ESCAPES:
+            ch = _ESCAPES[ch]
+        elif unicodedata.category(ch) in HIDDEN:
+            n = ord(ch)
+            ch = f"\\x{n:02x}" if n < 0x100 else f"\\u{n:04x}" if n < 0x10000 else f"\\U{n:08x}"
+        out.append(ch)
+    return "".join(out)
 
 
 def validate_attr_name(attr: str, field_name: str = "attrs") -> str:
@@ -165,7 +211,23 @@ class Caller:
     name: str
     role: str = "admin"
     serial: str = ""  # the certificate's, hex; empty over plain text
+    # Over plain text, the connection's peer address. A name there is the
+    # caller's own say-so, so limits count per name and connection: every
+    # local process is "admin", and one must not use up another's share.
+    connection: str = ""
+    # When its certificate expires (POSIX time; 0: never, plain text).
+    expires: float = 0.0
 
     @property
     def admin(self) -> bool:
         return self.role == "admin"
+
+    def expires_in(self, now: float) -> float | None:
+        """Seconds until its certificate expires (None: no certificate). A
+        stream that outlives it is ended."""
+        return max(0.0, self.expires - now) if self.expires else None
+
+    @property
+    def limited_as(self) -> str:
+        """Whom per-identity limits (quotas, watches, sessions) count against."""
+        return f"{self.name} on {self.connection}" if self.connection else self.name

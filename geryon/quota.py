@@ -1,8 +1,11 @@
-"""Per-identity write quotas: one client flooding the registry gets
-RESOURCE_EXHAUSTED while the others carry on.
+"""Per-identity write quotas: one client flooding the registry is slowed to
+its rate, and refused with RESOURCE_EXHAUSTED past that, while the others
+carry on.
 
-A token bucket per caller name: ``rate`` writes a second on average, bursts up
-to ``burst``. Reads are not limited; they cost no disk.
+A token bucket per caller: ``rate`` writes a second on average, bursts up to
+``burst``. A write over the rate may wait for its token (the registry lets it
+wait up to a second), so a client keeping many writes in flight is paced
+rather than refused in a busy loop. Reads are not limited; they cost no disk.
 """
 
 from __future__ import annotations
@@ -25,10 +28,12 @@ class Quota:
         self.burst = burst if burst is not None else max(rate * 2, 1.0)
         self._buckets: dict[str, _Bucket] = {}
 
-    def take(self, who: str, what: str) -> None:
-        """Spend one token of ``who``'s or raise ResourceExhausted."""
+    def take(self, who: str, what: str, *, max_wait: float = 0.0) -> float:
+        """Spend one of ``who``'s tokens; return how long to wait before using
+        it (a token not yet earned may be borrowed up to ``max_wait`` ahead),
+        or raise ResourceExhausted and spend nothing."""
         if self.rate <= 0:
-            return
+            return 0.0
         now = time.monotonic()
         b = self._buckets.get(who)
         if b is None:
@@ -37,6 +42,8 @@ class Quota:
             b = self._buckets[who] = _Bucket(self.burst, now)
         b.tokens = min(self.burst, b.tokens + (now - b.stamp) * self.rate)
         b.stamp = now
-        if b.tokens < 1:
+        wait = 0.0 if b.tokens >= 1 else (1 - b.tokens) / self.rate
+        if wait > max_wait:
             raise ResourceExhausted(f"{what}: {who} is over its quota of {self.rate:g}/s")
-        b.tokens -= 1
+        b.tokens -= 1  # below zero: borrowed from the time it waits
+        return wait

@@ -14,7 +14,8 @@ import asyncio
 import contextlib
 import logging
 import secrets
-from collections.abc import AsyncIterator, Awaitable, Callable
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
 import grpc
@@ -28,6 +29,7 @@ from geryon.errors import (
     Unauthenticated,
     Unavailable,
 )
+from geryon.fair import FairQueue
 from geryon.model import Caller, Event, Filter, Revision, validate_filter
 from geryon.quota import Quota
 from geryon.store import Store, Written
@@ -40,6 +42,9 @@ Authenticate = Callable[[grpc.aio.ServicerContext], Caller]
 
 DEFAULT_PROGRESS_S = 10.0
 MAX_EVENTS_PER_MESSAGE = 1000
+# How long a write over its identity's quota may wait for its token before
+# it is refused.
+QUOTA_WAIT_S = 1.0
 SNAPSHOT_CHUNK = 1000
 
 # Who may do what, beyond ownership (which the store checks). Deny by default.
@@ -48,11 +53,14 @@ WRITERS = frozenset({"admin", "node"})
 
 def plaintext_caller(context: grpc.aio.ServicerContext) -> Caller:
     """Without TLS every caller is a local admin; the optional ``geryon-user``
-    metadata names it, so owners still mean something in development."""
+    metadata names it, so owners still mean something in development. Its
+    limits are its connection's: one process holding many watches leaves
+    the others theirs."""
+    name = "admin"
     for key, value in context.invocation_metadata() or ():
         if key == "geryon-user" and value:
-            return Caller(str(value), "admin")
-    return Caller("admin", "admin")
+            name = str(value)
+    return Caller(name, "admin", connection=context.peer())
 
 
 def local_admin_on_unix(authenticate: Authenticate, name: str) -> Authenticate:
@@ -67,6 +75,18 @@ def local_admin_on_unix(authenticate: Authenticate, name: str) -> Authenticate:
         return authenticate(context)
 
     return local_or
+
+
+def expire_with_certificate(
+    caller: Caller, end: Callable[[GeryonError], None]
+) -> asyncio.TimerHandle | None:
+    """End a stream with UNAUTHENTICATED when its caller's certificate
+    expires: the handshake checked it once, and a stream can outlive it."""
+    left = caller.expires_in(time.time())
+    if left is None:
+        return None
+    expired = Unauthenticated(f"{caller.name}: certificate expired")
+    return asyncio.get_running_loop().call_later(left, end, expired)
 
 
 async def _abort(context: grpc.aio.ServicerContext, exc: GeryonError) -> None:
@@ -85,6 +105,7 @@ class RegistryService(pb_grpc.RegistryServicer):
         progress_interval: float = DEFAULT_PROGRESS_S,
         max_watches_per_caller: int = 1000,
         writes: Quota | None = None,
+        fair: FairQueue | None = None,
         keepalive_rate: float = 0,
     ) -> None:
         self.store = store
@@ -93,6 +114,7 @@ class RegistryService(pb_grpc.RegistryServicer):
         self.progress_interval = progress_interval
         self.max_watches = max_watches_per_caller
         self.writes = writes or Quota(0)
+        self.fair = fair or FairQueue()
         self.keepalive_rate = keepalive_rate
         # Open streams by caller, so a newly denied identity can be cut off.
         self._wire_cache: dict[int, tuple[Event, pb.Event]] = {}
@@ -117,12 +139,21 @@ class RegistryService(pb_grpc.RegistryServicer):
     def _may_write(self, caller: Caller, what: str) -> None:
         if caller.role not in WRITERS:
             raise PermissionDenied(f"{caller.role} {caller.name} may not {what}")
-        self.writes.take(caller.name, what)
 
     async def _mutated(
-        self, caller: Caller, what: str, target: object, write: Awaitable[Written[T]]
+        self, caller: Caller, what: str, target: object, write: Coroutine[Any, Any, Written[T]]
     ) -> Written[T]:
-        written = await write
+        """Run ``write`` once its identity's quota and turn allow."""
+        who = caller.limited_as
+        try:
+            wait = self.writes.take(who, what, max_wait=QUOTA_WAIT_S)
+        except GeryonError:
+            write.close()
+            raise
+        if wait:
+            await asyncio.sleep(wait)
+        async with self.fair.turn(who, what):
+            written = await write
         # DEBUG, not INFO: at thousands of writes a second the log line would
         # cost more than the write's own work.
         log.debug("registryd: %s %s by %s %s", what, target, caller.role, caller.name)
@@ -246,7 +277,7 @@ class RegistryService(pb_grpc.RegistryServicer):
     async def Leases(self, request: pb.LeasesRequest, context: Any) -> pb.LeasesResponse:
         async def do(caller: Caller) -> pb.LeasesResponse:
             leases, revision = await self.store.read(
-                lambda: [(lease, len(lease.services)) for lease in self.store.lease_list()]
+                lambda: [(lease, len(lease.services)) for lease in self.store.lease_list(caller)]
             )
             remaining = await self.store.remaining_ms([lease for lease, _ in leases])
             infos = [
@@ -274,12 +305,19 @@ class RegistryService(pb_grpc.RegistryServicer):
         # The registry ends a stream (shutdown, a denied caller) through this,
         # with a status the client sees, rather than by cancelling the handler.
         ended: asyncio.Future[GeryonError] = asyncio.get_running_loop().create_future()
+        expiry: asyncio.TimerHandle | None = None
         client_gone = False
         try:
             caller = self.authenticate(context)
             if caller.role not in WRITERS:
                 raise PermissionDenied(f"{caller.role} {caller.name} may not keep leases alive")
-            self.streams[token] = (caller, lambda e: ended.done() or ended.set_result(e))
+
+            def end(error: GeryonError) -> None:
+                if not ended.done():
+                    ended.set_result(error)
+
+            self.streams[token] = (caller, end)
+            expiry = expire_with_certificate(caller, end)
             requests = aiter(request_iterator)
             while True:
                 nxt = asyncio.ensure_future(anext(requests, None))
@@ -306,6 +344,8 @@ class RegistryService(pb_grpc.RegistryServicer):
             # until it reconnects or their TTL passes.
             await _abort(context, exc)
         finally:
+            if expiry is not None:
+                expiry.cancel()
             self.streams.pop(token, None)
             if client_gone and held and not self.stopping:
                 # A task: this handler is being torn down, and ending a lease
@@ -333,6 +373,7 @@ class RegistryService(pb_grpc.RegistryServicer):
     ) -> AsyncIterator[pb.WatchResponse]:
         watcher: Watcher | None = None
         reader: asyncio.Task[None] | None = None
+        expiry: asyncio.TimerHandle | None = None
         try:
             caller = self.authenticate(context)
             first = await anext(aiter(request_iterator), None)
@@ -343,9 +384,9 @@ class RegistryService(pb_grpc.RegistryServicer):
             interval = self._progress_interval(create)
             if (why := self.store.unavailable()) is not None:
                 raise Unavailable(f"registryd: {why}")
-            if self.hub.count(caller.name) >= self.max_watches:
+            if self.hub.count(caller.limited_as) >= self.max_watches:
                 raise ResourceExhausted(
-                    f"watch: {caller.name} already has {self.max_watches} watches open"
+                    f"watch: {caller.limited_as} already has {self.max_watches} watches open"
                 )
             snapshot: list | None = None
             if create.snapshot:
@@ -353,7 +394,7 @@ class RegistryService(pb_grpc.RegistryServicer):
                 def take() -> list:
                     nonlocal watcher
                     at = self.store.revision
-                    watcher = self.hub.subscribe(flt, after=at, owner=caller.name)
+                    watcher = self.hub.subscribe(flt, after=at, owner=caller.limited_as)
                     return self.store.find(flt)
 
                 snapshot, revision = await self.store.read(take)
@@ -361,6 +402,7 @@ class RegistryService(pb_grpc.RegistryServicer):
             else:
                 watcher = self._subscribe_from(flt, create.start_revision, caller)
             self.streams[watcher] = (caller, watcher.fail)
+            expiry = expire_with_certificate(caller, watcher.fail)
             progress = asyncio.Event()
             if not create.snapshot and not create.start_revision:
                 # Tell the client where it starts, so it can resume from there.
@@ -390,6 +432,8 @@ class RegistryService(pb_grpc.RegistryServicer):
         except GeryonError as exc:
             await _abort(context, exc)
         finally:
+            if expiry is not None:
+                expiry.cancel()
             self.streams.pop(watcher, None)
             if reader is not None:
                 reader.cancel()
@@ -409,11 +453,11 @@ class RegistryService(pb_grpc.RegistryServicer):
     def _subscribe_from(self, flt: Filter, start: Revision, caller: Caller) -> Watcher:
         durable = self.store.durable_revision
         if not start:
-            return self.hub.subscribe(flt, after=durable, owner=caller.name)
+            return self.hub.subscribe(flt, after=durable, owner=caller.limited_as)
         # Replay the held history, then live events: both taken in one step
         # of the event loop, so nothing falls between them.
         backlog = self.store.history_since(start)
-        watcher = self.hub.subscribe(flt, after=max(start - 1, 0), owner=caller.name)
+        watcher = self.hub.subscribe(flt, after=max(start - 1, 0), owner=caller.limited_as)
         for revision, events in backlog:
             watcher.offer(revision, events, replay=True)
         watcher.seen = max(watcher.seen, durable)
@@ -426,9 +470,8 @@ class RegistryService(pb_grpc.RegistryServicer):
         watcher: Watcher,
     ) -> None:
         # A client that closes its side still gets events (as etcd does): the
-        # watch ends when the call is cancelled. Ending it here would race that
-        # cancellation and report a cancelled watch as UNAVAILABLE.
-        with contextlib.suppress(Exception):
+        # watch ends when the call is cancelled.
+        try:
             async for request in requests:
                 if request.HasField("progress_request"):
                     progress.set()
@@ -436,6 +479,11 @@ class RegistryService(pb_grpc.RegistryServicer):
                 else:
                     watcher.fail(InvalidArgument("watch: only one create_request per stream"))
                     return
+        except Exception:
+            # The call was ended under us (a malformed request answered
+            # INVALID_ARGUMENT) or is gone: end the watch now rather than at
+            # its next event, which may be a day away. Its status is decided.
+            watcher.fail(InvalidArgument("watch: the request stream failed"))
 
     async def _stream(
         self, watcher: Watcher, progress: asyncio.Event, interval: float

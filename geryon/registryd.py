@@ -26,7 +26,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
-from geryon import endpoints, leases
+from geryon import endpoints, leases, wire
 from geryon.convert import pb, pb_grpc
 from geryon.errors import GeryonError, Unauthenticated
 from geryon.model import Caller, validate_attrs, validate_name
@@ -130,8 +130,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=float,
         default=1000,
         metavar="PER_S",
-        help="writes per second per identity before RESOURCE_EXHAUSTED "
-        "(bursts of twice that; 0: unlimited; default 1000)",
+        help="writes per second per identity (bursts of twice that); a write over it "
+        "waits up to 1 s, then RESOURCE_EXHAUSTED (0: unlimited; default 1000). Over "
+        "plain text this and --max-watches count per name and connection",
     )
     p.add_argument(
         "--keepalive-rate",
@@ -344,6 +345,7 @@ async def serve(args: argparse.Namespace) -> int:
             ("grpc.so_reuseport", 0),
         ],
     )
+    wire.guard(server, "registryd")  # malformed requests: INVALID_ARGUMENT, no traceback
     pb_grpc.add_RegistryServicer_to_server(servicer, server)
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
@@ -449,7 +451,7 @@ def authenticator(deny: tls.DenyList | None) -> Callable[[object], Caller]:
 
     def authenticate(context: object) -> Caller:
         ident = tls.identity_from_context(context)
-        caller = Caller(ident.name, ident.role, ident.serial)
+        caller = Caller(ident.name, ident.role, ident.serial, expires=ident.expires)
         if deny is not None and deny.denied(caller):
             raise Unauthenticated(f"certificate of {ident.name} (serial {ident.serial}) is denied")
         return caller

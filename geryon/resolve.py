@@ -14,7 +14,7 @@ import sys
 
 from geryon import errors
 from geryon.client import Client
-from geryon.model import Service
+from geryon.model import Service, escape
 
 
 class Unresolved(errors.GeryonError):
@@ -29,7 +29,7 @@ async def disk_entry(client: Client, name: str) -> Service:
         raise Unresolved(f"no disk named {name}") from None
     addr = s.attrs.get("addr", "")
     if s.attrs.get("status") == "down" or not addr:
-        where = s.attrs.get("host", "?") + "!" + s.attrs.get("chunk", "?")
+        where = escape(s.attrs.get("host", "?") + "!" + s.attrs.get("chunk", "?"))
         what = "is down" if s.attrs.get("status") == "down" else "has no addr"
         raise Unresolved(f"{name} {what} (chunk {where})")
     return s
@@ -44,7 +44,7 @@ async def cmd_resolve(args: argparse.Namespace) -> int:
         except Unresolved as exc:
             print(f"geryon: resolve: {exc}", file=sys.stderr)
             return 1
-    print(s.attrs["addr"])
+    print(escape(s.attrs["addr"]))  # an addr holding a line break prints as one line
     return 0
 
 

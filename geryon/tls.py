@@ -19,6 +19,7 @@ keys and CA bundles without a restart.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as dt
 import hashlib
 import ipaddress
@@ -99,6 +100,9 @@ class Identity:
     name: str
     role: str
     serial: str
+    # When the certificate expires (POSIX time; 0: never, plain text): a
+    # stream that outlives it is ended.
+    expires: float = dataclasses.field(default=0.0, compare=False)
 
 
 # The caller's identity when a server runs in plain-text (no TLS) mode.
@@ -504,7 +508,9 @@ class _IdentityCache:
         except ValueError:
             return None, never, "unparseable client certificate"
         try:
-            return _identity_of(cert), cert.not_valid_after_utc, ""
+            ident = _identity_of(cert)
+            expires = cert.not_valid_after_utc
+            return dataclasses.replace(ident, expires=expires.timestamp()), expires, ""
         except errors.Unauthenticated as e:
             return None, never, e.message
 

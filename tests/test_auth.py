@@ -58,10 +58,19 @@ async def test_nodes_own_their_things_admin_owns_all(secure: Registry, pki) -> N
             await b.update("tcp!host0!1", {"x": "1"})
         with pytest.raises(errors.PermissionDenied):
             await b.unregister("tcp!host0!1")
-        with pytest.raises(errors.PermissionDenied):
+        # Leases are private: another's is not found, as one that never was.
+        with pytest.raises(errors.NotFound, match=f"lease {lease} not found"):
             await b.revoke(lease)
-        with pytest.raises(errors.PermissionDenied):
+        with pytest.raises(errors.NotFound, match=f"lease {lease} not found"):
             await b.register("tcp!host1!1", {}, lease=lease)
+        mine = await b.grant(30_000)
+        assert [x.id for x in await b.leases()] == [mine]
+        assert await viewer.leases() == []
+        assert [(x.id, x.owner) for x in await root.leases()] == [
+            (lease, "host0"),
+            (mine, "host1"),
+        ]
+        await b.revoke(mine)
         with pytest.raises(errors.AlreadyExists):
             await b.register("tcp!host0!1", {}, lease=await b.grant(30_000))
         stolen = b.lease(30_000)
@@ -201,4 +210,31 @@ async def test_denied_node_hears_its_lease_is_refused(start_registry, pki, tmp_p
         deny.write_text("host1\n")
         registry.signal(signal.SIGHUP)
         await eventually(lambda: lease.lost.is_set(), timeout=10)
+        await lease.close(revoke=False)
+
+
+async def test_streams_end_when_the_certificate_expires(
+    secure: Registry, pki, tmp_path: Path
+) -> None:
+    """The handshake checks a certificate once; a Watch and a KeepAlive
+    stream must not go on past its expiry."""
+    now = dt.datetime.now(dt.UTC)
+    short = tls.issue(
+        pki["ca"],
+        "host7",
+        role="node",
+        out=tmp_path / "short",
+        _not_before=now - dt.timedelta(hours=1),
+        _not_after=now + dt.timedelta(seconds=6),
+    )
+    async with as_(secure, short, retry_for=1.0) as c:
+        lease = c.lease(30_000)
+        await lease.start()
+        watch = aiter(c.watch())
+        assert (await anext(watch)).kind == "progress"
+        with pytest.raises(errors.Unauthenticated, match="host7: certificate expired"):
+            async with asyncio.timeout(60):
+                async for _ in watch:
+                    pass
+        await eventually(lambda: lease.lost.is_set(), timeout=30)
         await lease.close(revoke=False)

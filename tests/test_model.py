@@ -6,7 +6,9 @@ client can tell which part of its request was wrong.
 
 from __future__ import annotations
 
+import codecs
 import os
+import unicodedata
 
 import pytest
 from hypothesis import given, settings
@@ -14,6 +16,7 @@ from hypothesis import strategies as st
 
 from geryon.errors import InvalidArgument
 from geryon.model import (
+    HIDDEN,
     MAX_ATTRS,
     MAX_NAME_BYTES,
     MAX_TTL_MS,
@@ -23,6 +26,7 @@ from geryon.model import (
     Caller,
     Filter,
     Service,
+    escape,
     validate_attr_name,
     validate_attrs,
     validate_filter,
@@ -72,6 +76,18 @@ def test_valid_names(name: str) -> None:
         ("a\x7fb", "control"),
         ("a\x85b", "control"),  # C1 controls count too
         ("\ud800", "UTF-8"),  # a lone surrogate has no UTF-8 form
+        # Format characters: bidi overrides and isolates, zero-width ones, BOM.
+        ("a\u202eb", "holds U+202E, a format character"),
+        ("a\u202ab", "holds U+202A, a format character"),
+        ("\u2066a", "holds U+2066, a format character"),
+        ("a\u200bb", "holds U+200B, a format character"),
+        ("a\u200db", "holds U+200D, a format character"),
+        ("\ufeffa", "holds U+FEFF, a format character"),
+        ("a\u00adb", "holds U+00AD, a format character"),  # soft hyphen: invisible
+        ("a\U000e0041", "holds U+E0041, a format character"),  # a tag character
+        ("a\u2028b", "holds U+2028, a line separator"),
+        ("a\u2029b", "holds U+2029, a paragraph separator"),
+        ("a\x1b[31m", "holds U+001B, a control character"),
         *((r, "reserved") for r in sorted(RESERVED_NAMES)),
     ],
 )
@@ -82,9 +98,54 @@ def test_invalid_names(name: str, why: str) -> None:
     assert why in str(info.value)
 
 
+@settings(max_examples=EXAMPLES, deadline=None)
+@given(st.text(min_size=1, max_size=20))
+def test_a_valid_name_holds_nothing_hidden(name: str) -> None:
+    try:
+        validate_name(name)
+    except InvalidArgument as exc:
+        assert "\n" not in str(exc)  # the name shows escaped, in repr
+        return
+    assert not any(unicodedata.category(ch) in HIDDEN for ch in name)
+    assert escape(name) == name.replace("\\", "\\\\")
+
+
 def test_name_error_names_the_given_field() -> None:
     with pytest.raises(InvalidArgument, match=r"^service\.name: "):
         validate_name("", "service.name")
+
+
+# ---- text for a terminal -------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "shown"),
+    [
+        ("", ""),
+        ("tcp!h0!1 é", "tcp!h0!1 é"),  # printable text as it is, spaces and all
+        ("a\\b", r"a\\b"),  # a backslash doubled: the escapes stay unambiguous
+        ("x\nforged 1 2", r"x\nforged 1 2"),
+        ("\r\t", r"\r\t"),
+        ("a\0b", r"a\x00b"),  # the whole value shows, past the NUL
+        ("\x1b[31m\x7f\x85", r"\x1b[31m\x7f\x85"),
+        ("\u202eevil\u2066\u200b\ufeff", r"\u202eevil\u2066\u200b\ufeff"),
+        ("\u2028\u2029", r"\u2028\u2029"),
+        ("\U000e0041", r"\U000e0041"),
+        ("\udc80", r"\udc80"),  # a lone surrogate would not even print
+        ("a\u00a0b", "a\u00a0b"),  # visible white space is left to quoting
+    ],
+)
+def test_escape(text: str, shown: str) -> None:
+    assert escape(text) == shown
+
+
+@settings(max_examples=EXAMPLES, deadline=None)
+@given(st.text())
+def test_escape_is_one_line_and_reads_back(text: str) -> None:
+    shown = escape(text)
+    assert shown.splitlines() in ([shown], [])
+    assert not any(unicodedata.category(ch) in HIDDEN for ch in shown)
+    assert codecs.decode(shown.encode("raw_unicode_escape"), "unicode_escape") == text
 
 
 # ---- attributes --------------------------------------------------------------

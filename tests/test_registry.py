@@ -87,8 +87,8 @@ async def test_upsert_by_owner_moves_lease_in_one_revision(registry: Registry) -
         assert (await c.get("tcp!h!1")).lease == new
         with pytest.raises(errors.AlreadyExists):
             await other.register("tcp!h!1", {"a": "3"}, persist=True)
-        with pytest.raises(errors.PermissionDenied):
-            await other.register("tcp!h!2", {}, lease=new)  # not other's lease
+        with pytest.raises(errors.NotFound, match=f"lease {new} not found"):
+            await other.register("tcp!h!2", {}, lease=new)  # not other's: not told it exists
 
 
 async def test_stale_mod_revision_is_failed_precondition(client: Client) -> None:
@@ -568,3 +568,31 @@ async def test_static_file_is_checked_whole_and_followed(start_registry, tmp_pat
     async with registry.client() as c:
         found, _ = await c.find()
     assert {s.name: s.attrs for s in found} == {"tcp!a!1": {"svc": "x2"}}
+
+
+async def test_plain_text_limits_count_per_connection(start_registry, backend) -> None:
+    """Over plain text every local process is "admin": one holding all the
+    watches it may must not leave `geryon watch` in another none."""
+    registry = start_registry(extra=["--max-watches", "2"])
+    async with registry.client() as greedy:
+        held = [greedy.watch() for _ in range(2)]
+        streams = [await started(w) for w in held]  # held open while referenced
+        with pytest.raises(errors.ResourceExhausted, match=r"admin on \S+ already has 2 watches"):
+            await started(greedy.watch())
+        proc = subprocess.Popen(
+            [os.path.join(os.path.dirname(sys.executable), "geryon"), "--registry",
+             registry.address, "watch", "--snapshot"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        try:
+            assert proc.stdout.readline().startswith("SYNCED ")
+            await greedy.register("seen", {"a": "1"}, persist=True)
+            assert proc.stdout.readline().split()[0] == "PUT"
+        finally:
+            proc.kill()
+            proc.wait()
+        for w in held:
+            await w.close()
+        del streams

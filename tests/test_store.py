@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
+from conftest import eventually
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -43,6 +44,7 @@ from geryon.errors import (
     OutOfRange,
     PermissionDenied,
     ResourceExhausted,
+    Unavailable,
 )
 from geryon.model import Caller, Event, EventType, Filter, Service
 from geryon.store import Limits, Written
@@ -439,15 +441,17 @@ async def test_unknown_names_and_leases_are_not_found(store: SQLiteStore) -> Non
     assert store.revision == 0
 
 
-async def test_another_owners_lease_is_denied(store: SQLiteStore) -> None:
+async def test_another_owners_lease_is_not_found(store: SQLiteStore) -> None:
     lease = await done(store.grant(1000, caller=ALICE))
+    # The same answer as for a lease that never existed: nothing is told.
     for caller in (BOB, ROOT):  # registering under a lease needs its owner
-        with pytest.raises(PermissionDenied):
+        with pytest.raises(NotFound, match=f"lease {lease.id} not found or expired"):
             await store.register("svc", {}, lease=lease.id, persist=False, caller=caller)
-    with pytest.raises(PermissionDenied):
-        await store.keepalive(lease.id, caller=BOB, holder="t")
-    with pytest.raises(PermissionDenied):
+    assert await store.keepalive(lease.id, caller=BOB, holder="t") == 0
+    with pytest.raises(NotFound, match=f"lease {lease.id} not found or expired"):
         await store.revoke(lease.id, caller=BOB)
+    assert store.lease_list(BOB) == [] and store.lease_list(ROOT) == [lease]
+    assert store.lease_list(ALICE) == [lease]
     assert lease.id in store.leases
 
 
@@ -460,7 +464,7 @@ async def test_grant(store: SQLiteStore, clock: Clock) -> None:
     b = await done(store.grant(2500, caller=BOB))
     assert (a.id, a.ttl_ms, a.owner, a.deadline) == (1, 1000, "alice", 1001.0)
     assert (b.id, b.ttl_ms, b.owner, b.deadline) == (2, 2500, "bob", 1003.5)
-    assert store.lease_list() == [a, b] and store.next_lease == 3
+    assert store.lease_list(ROOT) == [a, b] and store.next_lease == 3
     assert store.next_deadline() == 1001.0
     assert store.revision == 0  # leases alone are not revisions of the service set
 
@@ -601,7 +605,9 @@ async def test_writes_report_the_revision_they_were_decided_at(store: SQLiteStor
 def state(store: SQLiteStore) -> dict[str, Any]:
     return {
         "services": store.find(Filter()),
-        "leases": [(lz.id, lz.ttl_ms, lz.owner, sorted(lz.services)) for lz in store.lease_list()],
+        "leases": [
+            (lz.id, lz.ttl_ms, lz.owner, sorted(lz.services)) for lz in store.lease_list(ROOT)
+        ],
         "revision": store.revision,
         "durable": store.durable_revision,
         "next_lease": store.next_lease,
@@ -633,7 +639,7 @@ async def test_restart_brings_everything_back(open_store: Opener, clock: Clock) 
     assert names(store.find(Filter({"c": "*"}))) == ["x"]
     assert names(store.find(Filter({"b": "*"}))) == ["y"]
     # Fresh deadlines: nothing expires within one TTL of starting.
-    assert [lz.deadline for lz in store.lease_list()] == [clock.now + 1, clock.now + 3]
+    assert [lz.deadline for lz in store.lease_list(ROOT)] == [clock.now + 1, clock.now + 3]
     assert store.expire(now=clock.now + 0.999) == []
     # The revision and lease ids carry on; nothing is reused.
     assert (await done(store.grant(2000, caller=ALICE))).id == 4
@@ -686,10 +692,10 @@ async def test_group_commit_shares_transactions(store: SQLiteStore) -> None:
     writes = 0
     real_write = store._write
 
-    def counting_write(batch: Any) -> None:
+    def counting_write(*args: Any) -> None:
         nonlocal writes
         writes += 1
-        real_write(batch)
+        real_write(*args)
 
     store._write = counting_write  # type: ignore[method-assign]
 
@@ -736,34 +742,54 @@ async def test_on_commit_in_revision_order_after_durability(store: SQLiteStore) 
         assert stored >= revision and missing == 0
 
 
-async def test_a_failed_commit_fails_every_waiting_write(store: SQLiteStore) -> None:
-    started, release = threading.Event(), threading.Event()
+async def test_a_failed_commit_refuses_writes_until_the_disk_heals(
+    store: SQLiteStore, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(store_mod, "RETRY_S", 0.01)
+    health: list[str | None] = []
+    store.on_health.append(health.append)
+    await reg(store, "durable")
+    started, release, healed = threading.Event(), threading.Event(), threading.Event()
+    real_write = store._write
 
-    def broken_write(batch: Any) -> None:
+    def full_disk(ops: Any, revision: int) -> None:
+        if healed.is_set():
+            return real_write(ops, revision)
         started.set()
         release.wait(30)
-        raise sqlite3.OperationalError("disk I/O error")
+        raise sqlite3.OperationalError("database or disk is full")
 
-    store._write = broken_write  # type: ignore[method-assign]
+    store._write = full_disk  # type: ignore[method-assign]
     first = asyncio.ensure_future(store.register("a", {}, lease=0, persist=True, caller=ALICE))
     await asyncio.get_running_loop().run_in_executor(None, started.wait, 30)
-    # Queued behind the first.
+    # Queued behind the first, and a read that saw both.
     second = asyncio.ensure_future(store.register("b", {}, lease=0, persist=True, caller=ALICE))
     await asyncio.sleep(0)
-    assert store.revision == 2 and not second.done()
+    saw = asyncio.ensure_future(store.read(lambda: names(store.find(Filter()))))
+    await asyncio.sleep(0)
+    assert store.revision == 3 and not second.done()
     release.set()
-    with pytest.raises(sqlite3.OperationalError):
-        await first
-    # The write queued behind the broken one can never commit: it must fail
-    # too, not wait forever.
-    assert second.done()
-    with pytest.raises(sqlite3.OperationalError):
-        await second
-    with pytest.raises(sqlite3.OperationalError):
-        await store.register("c", {}, lease=0, persist=True, caller=ALICE)
-    with pytest.raises(sqlite3.OperationalError):
-        await store.sync()  # what memory holds was never made durable
+    for pending in (first, second, saw):
+        with pytest.raises(Unavailable, match="database or disk is full"):
+            await pending
+    # Nothing that was refused is served, and what is durable still is.
+    await eventually(lambda: not store._stale)
+    assert health == ["the store cannot write: database or disk is full"]
+    found, revision = await store.read(lambda: names(store.find(Filter())))
+    assert found == ["durable"] and revision == 1
+    for _ in range(100):
+        with pytest.raises(Unavailable, match="database or disk is full"):
+            await store.register("c", {}, lease=0, persist=True, caller=ALICE)
+    # Said once, with the real cause.
+    said = [r.getMessage() for r in caplog.records if "cannot write" in r.getMessage()]
+    assert len(said) == 1 and "database or disk is full" in said[0]
+    healed.set()
+    await eventually(lambda: health[-1] is None)
+    assert (await store.register("c", {}, lease=0, persist=True, caller=ALICE)).revision == 2
     await store.close()
+    reopened = await SQLiteStore.open(store.path.parent)
+    assert names(reopened.find(Filter())) == ["c", "durable"] and reopened.revision == 2
+    await reopened.close()
 
 
 # ---- history and compaction ------------------------------------------------------
@@ -1028,10 +1054,8 @@ class StoreMachine(RuleBasedStateMachine):
     def expect_register(self, name: str, lease: int, caller: Caller) -> type[GeryonError] | None:
         """The error a well-formed Register must meet, in the store's order."""
         prev = self.services.get(name)
-        if lease and lease not in self.leases:
-            return NotFound
-        if lease and self.leases[lease][0] != caller.name:
-            return PermissionDenied
+        if lease and (lease not in self.leases or self.leases[lease][0] != caller.name):
+            return NotFound  # another's lease is not found, as one that never was
         if (
             lease
             and sum(s.lease == lease for s in self.services.values()) >= PER_LEASE
@@ -1234,8 +1258,8 @@ class StoreMachine(RuleBasedStateMachine):
             assert self.call(lambda: store.keepalive(lid, caller=caller, holder="t")) == 0
             return
         owner, ttl, _ = self.leases[lid]
-        if owner != caller.name:
-            self.attempt(PermissionDenied, lambda: store.keepalive(lid, caller=caller, holder="t"))
+        if owner != caller.name:  # as if it were not there
+            assert self.call(lambda: store.keepalive(lid, caller=caller, holder="t")) == 0
             return
         assert self.call(lambda: store.keepalive(lid, caller=caller, holder="t")) == ttl
         self.leases[lid] = (owner, ttl, self.clock.now + ttl / 1000)
@@ -1256,7 +1280,7 @@ class StoreMachine(RuleBasedStateMachine):
         if lid not in self.leases:
             err = NotFound
         elif caller is not None and not caller.admin and self.leases[lid][0] != caller.name:
-            err = PermissionDenied
+            err = NotFound
         store = self.store
         assert store is not None
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import grpc
 
-from geryon import procs, tls
+from geryon import procs, tls, wire
 from geryon.client import Client
 from geryon.convert import cpu_pb_grpc
 from geryon.cpu import nsinit, process
@@ -47,7 +47,7 @@ STOP_GRACE_S = 2.0
 def tls_authenticator() -> Callable[[grpc.aio.ServicerContext], Caller]:
     def authenticate(context: grpc.aio.ServicerContext) -> Caller:
         ident = tls.identity_from_context(context)
-        return Caller(ident.name, ident.role, ident.serial)
+        return Caller(ident.name, ident.role, ident.serial, expires=ident.expires)
 
     return authenticate
 
@@ -161,6 +161,7 @@ async def serve(
         plain_text=tls_dir is None,
     )
     server = grpc.aio.server(options=SERVER_OPTIONS)
+    wire.guard(server, "cpu")  # malformed requests: INVALID_ARGUMENT, no traceback
     cpu_pb_grpc.add_CpuServiceServicer_to_server(servicer, server)
     address = f"{host}:{port}" if ":" not in host else f"[{host}]:{port}"
     if tls_dir is not None:
@@ -186,6 +187,3 @@ async def serve(
         if client is not None:
             await client.close()
         keeper.close()
-
-
-

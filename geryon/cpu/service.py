@@ -19,6 +19,7 @@ import itertools
 import logging
 import os
 import secrets
+import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
@@ -57,10 +58,11 @@ EXIT_LINGER_S = 5.0
 def plaintext_caller(context: grpc.aio.ServicerContext) -> Caller:
     """Without TLS the caller is the local admin, named by ``geryon-user``
     metadata when given (as the registry does)."""
+    name = "admin"
     for key, value in context.invocation_metadata() or ():
         if key == "geryon-user" and value:
-            return Caller(str(value), "admin")
-    return Caller("admin", "admin")
+            name = str(value)
+    return Caller(name, "admin", connection=context.peer())
 
 
 class Limits:
@@ -187,15 +189,16 @@ class CpuService(cpu_pb_grpc.CpuServiceServicer):
             caller = self.authenticate(context)
             if self.plain_text:
                 # Over plain text a name is the caller's own say-so: it names
-                # nothing that matters (account, limits, a mount's 9P user).
-                caller = Caller("admin", "admin")
+                # nothing that matters (account, a mount's 9P user); limits
+                # count per connection.
+                caller = Caller("admin", "admin", connection=caller.connection)
             if self.stopping:
                 raise Unavailable(f"cpu: {self.node} is stopping")
             first = await context.read()
             if first is grpc.aio.EOF or first.WhichOneof("kind") != "start":
                 raise InvalidArgument("cpu: a session begins with a start message")
             spec = await self._spec(first.start, caller)
-            self.limits.take(caller.name)
+            self.limits.take(caller.limited_as)
         except GeryonError as exc:
             await context.abort(grpc.StatusCode[exc.code], exc.message)
             return
@@ -204,7 +207,7 @@ class CpuService(cpu_pb_grpc.CpuServiceServicer):
         except GeryonError as exc:
             await context.abort(grpc.StatusCode[exc.code], exc.message)
         finally:
-            self.limits.give(caller.name)
+            self.limits.give(caller.limited_as)
 
     async def _spec(self, start: cpu_pb.Start, caller: Caller) -> process.Spec:
         # The passwd lookup may go to NSS (LDAP, NFS): off the loop.
@@ -258,6 +261,16 @@ class CpuService(cpu_pb_grpc.CpuServiceServicer):
                 raise ResourceExhausted(f"cpu: cannot start a session now: {why}") from None
             raise Unavailable(f"cpu: cannot start a session: {exc.strerror or exc}") from None
         self.sessions[sid] = proc
+        expired = ""
+        ending: set[asyncio.Task[None]] = set()
+
+        def expire() -> None:  # a session ends with its caller's certificate
+            nonlocal expired
+            expired = f"cpu: {caller.name}: certificate expired: the session was ended"
+            ending.add(asyncio.create_task(proc.end()))
+
+        left = caller.expires_in(time.time())
+        expiry = asyncio.get_running_loop().call_later(left, expire) if left is not None else None
         window = OutputWindow(min(want or DEFAULT_OUTPUT_WINDOW, MAX_OUTPUT_WINDOW))
         log.info("cpu: session %s: %s %s as %s: pid %d: %s", sid, caller.role, caller.name,
                  spec.account.name, proc.pid, " ".join(spec.argv) or "(shell)")  # fmt: skip
@@ -276,7 +289,7 @@ class CpuService(cpu_pb_grpc.CpuServiceServicer):
                         else:
                             await send(stderr=data)
                     status = await proc.wait()
-                    why = ""
+                    why = expired if status.signal == "KILL" else ""
                     if self.stopping and status.signal == "KILL":
                         why = f"cpu: {self.node} is stopping: the session was ended"
                     # In the stream, not as the call's status: a caller still
@@ -293,6 +306,8 @@ class CpuService(cpu_pb_grpc.CpuServiceServicer):
                 raise _first_error(group) from None
             log.info("cpu: session %s: %s", sid, status)
         finally:
+            if expiry is not None:
+                expiry.cancel()
             del self.sessions[sid]
             await proc.kill()
 

@@ -369,7 +369,7 @@ class EtcdStore(Store):
             attrs, owner = v["attrs"], v["owner"]
             if not isinstance(attrs, dict) or not isinstance(owner, str):
                 raise TypeError
-            validate_name(name)
+            validate_name(name, new=False)
         except (ValueError, KeyError, TypeError, GeryonError):
             log.warning("registryd: etcd key %r holds no service; ignored", kv.key)
             return None
@@ -813,7 +813,7 @@ class EtcdStore(Store):
     async def unregister(
         self, name: str, *, expected_mod_revision: Revision, caller: Caller
     ) -> Written[Service]:
-        validate_name(name)
+        validate_name(name, new=False)
         validate_expected(expected_mod_revision)
 
         def plan() -> _Plan:

@@ -19,19 +19,22 @@ store's own writer thread.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import heapq
 import json
 import logging
+import os
 import sqlite3
 import time
+import zlib
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
-from geryon.errors import FailedPrecondition
+from geryon.errors import FailedPrecondition, Unavailable
 from geryon.model import (
     Caller,
     Event,
@@ -55,17 +58,32 @@ log = logging.getLogger("geryon.store")
 
 T = TypeVar("T")
 
+# Every row carries a CRC-32 of its other columns (``crc``): SQLite checks
+# its pages' structure (quick_check, at start) but not what a row holds, and
+# a flipped byte in a stored value must not be served as if it were stored.
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS services (
     name TEXT PRIMARY KEY, attrs TEXT NOT NULL, lease INTEGER NOT NULL,
-    owner TEXT NOT NULL, create_revision INTEGER NOT NULL, mod_revision INTEGER NOT NULL);
+    owner TEXT NOT NULL, create_revision INTEGER NOT NULL, mod_revision INTEGER NOT NULL,
+    crc INTEGER);
 CREATE TABLE IF NOT EXISTS leases (
-    id INTEGER PRIMARY KEY, ttl_ms INTEGER NOT NULL, owner TEXT NOT NULL);
+    id INTEGER PRIMARY KEY, ttl_ms INTEGER NOT NULL, owner TEXT NOT NULL, crc INTEGER);
 CREATE TABLE IF NOT EXISTS events (
     revision INTEGER NOT NULL, idx INTEGER NOT NULL, type INTEGER NOT NULL,
-    service TEXT NOT NULL, prev TEXT, ts REAL NOT NULL, PRIMARY KEY (revision, idx));
+    service TEXT NOT NULL, prev TEXT, ts REAL NOT NULL, crc INTEGER,
+    PRIMARY KEY (revision, idx));
 """
+# 1: rows without checksums (before the crc columns); 2: every row has one.
+SCHEMA_VERSION = 2
+# Each table's columns the checksum covers, in order.
+COLUMNS = {
+    "services": "name, attrs, lease, owner, create_revision, mod_revision",
+    "leases": "id, ttl_ms, owner",
+    "events": "revision, idx, type, service, prev, ts",
+}
+# How often a store that could not write tries again.
+RETRY_S = 1.0
 
 # One SQL statement and its parameters; a batch is a list of these.
 Op = tuple[str, tuple[Any, ...]]
@@ -81,6 +99,11 @@ class _Batch:
     revision: Revision = 0
 
 
+def row_crc(*columns: object) -> int:
+    """The checksum a row carries of its other columns."""
+    return zlib.crc32("\x1f".join(map(str, columns)).encode())
+
+
 def _service_json(s: Service) -> str:
     return json.dumps(
         [s.name, s.attrs, s.lease, s.owner, s.create_revision, s.mod_revision],
@@ -88,14 +111,89 @@ def _service_json(s: Service) -> str:
     )
 
 
+def _attrs(value: object) -> dict[str, str]:
+    if not isinstance(value, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+    ):
+        raise ValueError("attributes are not a map of strings")
+    return value
+
+
+def _service(name: object, attrs: object, lease: object, owner: object, *revs: object) -> Service:
+    """A stored service, checked to be one (a row SQLite kept but we cannot read)."""
+    if not isinstance(name, str) or not isinstance(owner, str):
+        raise ValueError("name or owner is not text")
+    if not isinstance(lease, int) or not all(isinstance(r, int) for r in revs) or len(revs) != 2:
+        raise ValueError("lease or revisions are not integers")
+    return Service(name, _attrs(attrs), lease, owner, revs[0], revs[1])
+
+
 def _service_from_json(text: str) -> Service:
-    name, attrs, lease, owner, create, mod = json.loads(text)
-    return Service(name, attrs, lease, owner, create, mod)
+    fields = json.loads(text)
+    if not isinstance(fields, list) or len(fields) != 6:
+        raise ValueError("not a stored service")
+    return _service(*fields)
 
 
 async def wait(future: Awaitable[None]) -> None:
-    """Await a durability future without letting a cancelled caller cancel it."""
-    await asyncio.shield(future)
+    """Await a durability future without letting a cancelled caller cancel it.
+    A failure is raised afresh for each waiter: one exception raised by many
+    would carry every waiter's traceback."""
+    try:
+        await asyncio.shield(future)
+    except Unavailable as exc:
+        raise Unavailable(exc.message) from None
+
+
+@dataclass
+class _Durable:
+    """What the database holds of the live state (not the history)."""
+
+    revision: Revision
+    next_lease: LeaseID
+    oldest: Revision
+    leases: list[tuple[LeaseID, int, str]]
+    services: list[Service]
+
+
+class Damaged(Exception):
+    """The database holds something we did not write."""
+
+
+def _check(ok: bool, what: str) -> None:
+    if not ok:
+        raise Damaged(what)
+
+
+def _cause(exc: BaseException) -> str:
+    return str(exc) or type(exc).__name__
+
+
+def _consume(future: asyncio.Future[None]) -> None:
+    """Mark a shared future's exception as seen: its waiters may all be gone."""
+    if not future.cancelled():
+        future.exception()
+
+
+def _add_checksums(db: sqlite3.Connection) -> None:
+    """Upgrade a store from before row checksums (or a new one): add the
+    column where missing and fill it in, in one transaction."""
+    db.execute("BEGIN")
+    try:
+        for table, columns in COLUMNS.items():
+            if "crc" not in {row[1] for row in db.execute(f"PRAGMA table_info({table})")}:
+                db.execute(f"ALTER TABLE {table} ADD COLUMN crc INTEGER")
+            rows = db.execute(f"SELECT rowid, {columns} FROM {table}").fetchall()
+            db.executemany(
+                f"UPDATE {table} SET crc = ? WHERE rowid = ?",
+                [(row_crc(*row[1:]), row[0]) for row in rows],
+            )
+        db.execute("INSERT OR REPLACE INTO meta VALUES ('schema', ?)", (SCHEMA_VERSION,))
+        db.execute("COMMIT")
+    except BaseException:
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+        raise
 
 
 class SQLiteStore(Store):
@@ -112,7 +210,11 @@ class SQLiteStore(Store):
         self._db: sqlite3.Connection | None = None
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="geryon-store")
         self._committer: asyncio.Task[None] | None = None
-        self._failed: BaseException | None = None
+        # Why the last commit failed; writes are refused until one succeeds.
+        self._failed: str | None = None
+        # Memory holds writes that never became durable: reads are refused
+        # until it is put back to what the database holds.
+        self._stale = False
         self._lock: IO[str] | None = None
 
     def describe(self) -> str:
@@ -123,72 +225,155 @@ class SQLiteStore(Store):
     @classmethod
     async def open(cls, data_dir: Path, *, limits: Limits | None = None) -> SQLiteStore:
         store = cls(data_dir / "registry.db", limits=limits)
-        await asyncio.get_running_loop().run_in_executor(store._writer, store._load)
+        try:
+            await asyncio.get_running_loop().run_in_executor(store._writer, store._load)
+        except BaseException:
+            store._writer.shutdown(wait=False)
+            if store._lock is not None:
+                store._lock.close()
+            raise
         store._committer = asyncio.create_task(store._commit_loop(), name="store-committer")
         return store
 
     def _load(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         # Two registries on one store would hand out the same revisions.
-        self._lock = open(self.path.parent / "LOCK", "a")
+        lock = self.path.parent / "LOCK"
+        try:
+            self._lock = open(lock, "a")
+        except OSError:  # a store we cannot write: the write check below says so
+            try:
+                self._lock = open(lock)
+            except OSError as exc:
+                raise FailedPrecondition(f"{lock}: {exc.strerror}") from None
         try:
             fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            self._lock.close()
             raise FailedPrecondition(f"{self.path.parent} is in use by another registry") from None
+        for where in (self.path, self.path.parent):
+            # SQLite would say only "unable to open database file".
+            if where.exists() and not os.access(where, os.W_OK):
+                raise FailedPrecondition(f"{self.path}: {where} is read-only to this registry")
         try:
-            self._load_db()
+            self._db = self._open_db()
+            self._apply(self._read_durable(self._db))
+            self._load_history(self._db)
+            # Refuse now, not at the first write, a store we cannot write.
+            self._write([], self.revision)
         except sqlite3.DatabaseError as exc:  # not ours, or damaged: say so, touch nothing
-            raise FailedPrecondition(f"{self.path}: {exc}") from None
+            raise FailedPrecondition(f"{self.path}: {_cause(exc)}") from None
+        except Damaged as exc:
+            raise FailedPrecondition(
+                f"{self.path} is damaged ({exc}): restore it from a backup or move it aside"
+            ) from None
 
-    def _load_db(self) -> None:
+    def _open_db(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        report = [r[0] for r in db.execute("PRAGMA quick_check(100)")]
+        if report != ["ok"]:
+            # One line: the first problem found, and how many more.
+            found = [p for r in report for p in r.splitlines() if not p.startswith("***")]
+            more = f" and {len(found) - 1} more problems" if len(found) > 1 else ""
+            raise Damaged(f"quick_check: {found[0] if found else report[0]}{more}")
         db.execute("PRAGMA journal_mode=WAL")
         # FULL: the WAL is fsynced at every commit, so an acknowledged write
         # survives power loss, not only a process crash.
         db.execute("PRAGMA synchronous=FULL")
         db.executescript(SCHEMA)
-        self._db = db
+        (version,) = db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone() or (1,)
+        if version < SCHEMA_VERSION:
+            _add_checksums(db)
+        elif version > SCHEMA_VERSION:
+            raise Damaged(f"schema {version} is newer than this registry's {SCHEMA_VERSION}")
+        return db
+
+    def _read_durable(self, db: sqlite3.Connection) -> _Durable:
+        """The live state as the database holds it, every row checked."""
         meta = dict(db.execute("SELECT key, value FROM meta"))
-        self.revision = self.durable_revision = meta.get("revision", 0)
-        self.next_lease = meta.get("next_lease", 1)
-        self.oldest_revision = meta.get("oldest", 1)
-        now = time.monotonic()
-        for lid, ttl_ms, owner in db.execute("SELECT id, ttl_ms, owner FROM leases"):
-            self.leases[lid] = Lease(lid, ttl_ms, owner, now + ttl_ms / 1000)
-        for row in db.execute(
-            "SELECT name, attrs, lease, owner, create_revision, mod_revision FROM services"
+        leases = []
+        for *row, crc in db.execute("SELECT id, ttl_ms, owner, crc FROM leases"):
+            _check(row_crc(*row) == crc, f"lease {row[0]}: checksum does not match")
+            leases.append(tuple(row))
+        services, newest = [], 0
+        for *row, crc in db.execute(
+            "SELECT name, attrs, lease, owner, create_revision, mod_revision, crc FROM services"
         ):
-            self.index_add(Service(row[0], json.loads(row[1]), row[2], row[3], row[4], row[5]))
+            _check(row_crc(*row) == crc, f"service {row[0]!r}: checksum does not match")
+            try:
+                s = _service(row[0], json.loads(row[1]), *row[2:])
+            except ValueError as exc:
+                raise Damaged(f"service {row[0]!r}: {exc}") from None
+            services.append(s)
+            newest = max(newest, s.mod_revision)
+        (last_event,) = db.execute("SELECT max(revision) FROM events").fetchone()
+        revision = meta.get("revision", 0)
+        # The revision never goes back: not below a change the store holds,
+        # whatever the meta row says.
+        held = max(newest, last_event or 0)
+        if held > revision:
+            log.warning(
+                "store: %s says revision %d but holds %d: starting there", self.path, revision, held
+            )
+        next_lease = max(
+            meta.get("next_lease", 1), max((lid for lid, _, _ in leases), default=0) + 1
+        )
+        return _Durable(max(revision, held), next_lease, meta.get("oldest", 1), leases, services)
+
+    def _apply(self, durable: _Durable) -> None:
+        """Make memory what the database holds. Leases still here keep their
+        deadlines and holders; the others (at start: all) get a fresh TTL."""
+        now = time.monotonic()
+        old = self.leases
+        self.services, self.index, self.having, self.leases = {}, {}, {}, {}
+        self.names.clear()
+        for lid, ttl_ms, owner in durable.leases:
+            prev = old.get(lid)
+            lease = Lease(lid, ttl_ms, owner, now + ttl_ms / 1000)
+            if prev is not None:
+                lease.deadline, lease.holder = prev.deadline, prev.holder
+            self.leases[lid] = lease
+        for s in durable.services:
+            self.index_add(s)
         self.link_leases()
         self._rebuild_deadlines()
+        self.revision = self.durable_revision = durable.revision
+        self.next_lease = durable.next_lease
+        self.oldest_revision = max(self.oldest_revision, durable.oldest)
+
+    def _load_history(self, db: sqlite3.Connection) -> None:
         current: list[Event] = []
         current_rev, current_ts = 0, 0.0
-        for rev, _idx, typ, svc, prev, ts in db.execute(
-            "SELECT revision, idx, type, service, prev, ts FROM events "
+        for *row, crc in db.execute(
+            "SELECT revision, idx, type, service, prev, ts, crc FROM events "
             "WHERE revision >= ? ORDER BY revision, idx",
             (self.oldest_revision,),
         ):
+            rev, idx, typ, svc, prev, ts = row
+            _check(row_crc(*row) == crc, f"event {rev}.{idx}: checksum does not match")
             if rev != current_rev and current:
                 self.record(current_rev, tuple(current), current_ts)
                 current = []
             current_rev, current_ts = rev, ts
-            current.append(
-                Event(
-                    EventType(typ),
-                    _service_from_json(svc),
-                    _service_from_json(prev) if prev else None,
-                    rev,
+            try:
+                current.append(
+                    Event(
+                        EventType(typ),
+                        _service_from_json(svc),
+                        _service_from_json(prev) if prev else None,
+                        rev,
+                    )
                 )
-            )
+            except ValueError as exc:
+                raise Damaged(f"event {rev}.{idx}: {exc}") from None
         if current:
             self.record(current_rev, tuple(current), current_ts)
 
     async def close(self) -> None:
         """Flush what is pending and close the database."""
         if self._committer is not None:
-            while self._batch is not None or self._inflight is not None:
-                await self.sync()
+            with contextlib.suppress(Unavailable):  # a failed store: nothing to flush
+                while self._batch is not None or self._inflight is not None:
+                    await self.sync()
             self._committer.cancel()
             try:
                 await self._committer
@@ -204,11 +389,19 @@ class SQLiteStore(Store):
 
     # ---- durability ---------------------------------------------------------
 
+    def _writable(self) -> None:
+        """Refuse a write before it changes anything, while the store cannot write."""
+        if self._failed is not None:
+            raise self._refusal()
+
+    def _refusal(self) -> Unavailable:
+        # Watches are not refused (unavailable() stays None): nothing changes
+        # while no write can, and they hear the writes once they resume.
+        return Unavailable(f"registryd: the store cannot write: {self._failed}")
+
     def _enqueue(
         self, ops: list[Op], events: tuple[Event, ...] = (), revision: Revision = 0
     ) -> asyncio.Future[None]:
-        if self._failed is not None:
-            raise self._failed
         if self._batch is None:
             self._batch = _Batch(asyncio.get_running_loop().create_future())
             self._kick.set()
@@ -220,18 +413,18 @@ class SQLiteStore(Store):
         return batch.future
 
     async def read(self, look: Callable[[], T]) -> tuple[T, Revision]:
+        if self._stale:
+            raise self._refusal()
         # Memory may hold writes not yet durable: look now, answer once they are.
         seen = look()
         return seen, await self.sync()
 
     async def sync(self) -> Revision:
         """Wait until everything applied so far is durable; return that revision."""
-        if self._failed is not None:  # what memory holds never became durable
-            raise self._failed
         revision = self.revision
         pending = self._batch or self._inflight
         if pending is not None:
-            await asyncio.shield(pending.future)
+            await wait(pending.future)
         return revision
 
     async def _commit_loop(self) -> None:
@@ -245,48 +438,84 @@ class SQLiteStore(Store):
                 self._compact(batch)
                 started = time.perf_counter()
                 try:
-                    await loop.run_in_executor(self._writer, self._write, batch)
-                except Exception as exc:  # a broken disk: refuse everything after
-                    log.critical("store: commit failed: %s", exc)
-                    self._failed = exc
-                    batch.future.set_exception(exc)
-                    self._inflight = None
-                    # Writes queued behind this one can never commit either:
-                    # fail them too rather than leave their waiters hanging.
-                    if self._batch is not None:
-                        self._batch.future.set_exception(exc)
-                        self._batch = None
-                    return
+                    await loop.run_in_executor(
+                        self._writer,
+                        self._write,
+                        batch.ops,
+                        batch.revision or self.durable_revision,
+                    )
+                except Exception as exc:  # disk full, read-only, damaged: until it heals
+                    self._fail(batch, _cause(exc))
+                    await self._recover()
+                    break
                 if self.commit_latency is not None:
                     self.commit_latency(time.perf_counter() - started)
                 self._inflight = None
                 for revision, events, ts in batch.revisions:
                     self.publish(revision, events, ts)
-                if not batch.future.done():
-                    batch.future.set_result(None)
+                batch.future.set_result(None)
 
-    def _write(self, batch: _Batch) -> None:
+    def _fail(self, batch: _Batch, cause: str) -> None:
+        """A commit failed: fail its writes and those queued behind it (which
+        can never commit before it), and refuse writes and reads until
+        memory is back to what is durable."""
+        log.error("store: cannot write %s: %s; refusing writes until it can", self.path, cause)
+        self._failed, self._stale = cause, True
+        error = self._refusal()
+        for failed in (batch, self._batch):
+            if failed is not None:
+                failed.future.set_exception(error)
+                _consume(failed.future)
+        self._batch = self._inflight = None
+        self.set_health(f"the store cannot write: {cause}")
+
+    async def _recover(self) -> None:
+        """Put memory back to what the database holds, then try a commit every
+        RETRY_S until one succeeds."""
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                if self._stale:
+                    assert self._db is not None
+                    self._apply(
+                        await loop.run_in_executor(self._writer, self._read_durable, self._db)
+                    )
+                    self._stale = False
+                    log.info("store: serving reads of what is durable, revision %d", self.revision)
+                await loop.run_in_executor(self._writer, self._write, [], self.revision)
+            except Exception as exc:
+                log.debug("store: still cannot write: %s", _cause(exc))
+                await asyncio.sleep(RETRY_S)
+                continue
+            self._failed = None
+            log.warning("store: writing again at revision %d", self.revision)
+            self.set_health(None)
+            return
+
+    def _write(self, ops: list[Op], revision: Revision) -> None:
         assert self._db is not None
         db = self._db
         db.execute("BEGIN")
         try:
-            for sql, params in batch.ops:
+            for sql, params in ops:
                 db.execute(sql, params)
             db.executemany(
                 "INSERT OR REPLACE INTO meta VALUES (?, ?)",
                 [
-                    ("revision", self._batch_revision(batch)),
+                    ("revision", revision),
                     ("next_lease", self.next_lease),
                     ("oldest", self.oldest_revision),
+                    ("schema", SCHEMA_VERSION),
                 ],
             )
             db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
+            # A failed COMMIT may have rolled back already ("disk full"); a
+            # second error here would hide the cause.
+            if db.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    db.execute("ROLLBACK")
             raise
-
-    def _batch_revision(self, batch: _Batch) -> Revision:
-        return batch.revision or self.durable_revision
 
     def _compact(self, batch: _Batch) -> None:
         """Drop whole revisions from the history past its count or age bound."""
@@ -300,17 +529,15 @@ class SQLiteStore(Store):
         return self.revision
 
     def _put(self, new: Service, prev: Service | None) -> tuple[Event, Op]:
-        op = (
-            "INSERT OR REPLACE INTO services VALUES (?, ?, ?, ?, ?, ?)",
-            (
-                new.name,
-                json.dumps(new.attrs, separators=(",", ":")),
-                new.lease,
-                new.owner,
-                new.create_revision,
-                new.mod_revision,
-            ),
+        row = (
+            new.name,
+            json.dumps(new.attrs, separators=(",", ":")),
+            new.lease,
+            new.owner,
+            new.create_revision,
+            new.mod_revision,
         )
+        op = ("INSERT OR REPLACE INTO services VALUES (?, ?, ?, ?, ?, ?, ?)", (*row, row_crc(*row)))
         return self.put(new, prev), op
 
     def _delete(self, s: Service, revision: Revision) -> tuple[Event, Op]:
@@ -320,20 +547,17 @@ class SQLiteStore(Store):
     def _commit(
         self, revision: Revision, events: list[Event], ops: list[Op]
     ) -> asyncio.Future[None]:
-        ops.extend(
-            (
-                "INSERT INTO events VALUES (?, ?, ?, ?, ?, ?)",
-                (
-                    revision,
-                    i,
-                    e.type.value,
-                    _service_json(e.service),
-                    _service_json(e.prev) if e.prev else None,
-                    time.time(),
-                ),
+        now = time.time()
+        for i, e in enumerate(events):
+            row = (
+                revision,
+                i,
+                e.type.value,
+                _service_json(e.service),
+                _service_json(e.prev) if e.prev else None,
+                now,
             )
-            for i, e in enumerate(events)
-        )
+            ops.append(("INSERT INTO events VALUES (?, ?, ?, ?, ?, ?, ?)", (*row, row_crc(*row))))
         return self._enqueue(ops, tuple(events), revision)
 
     async def register(
@@ -349,6 +573,7 @@ class SQLiteStore(Store):
         # Everything up to the first await runs as one step of the event
         # loop: decided and applied before any other request is looked at.
         attrs = validate_register(name, attrs, lease=lease, persist=persist)
+        self._writable()
         prev, noop = self.check_register(
             name, attrs, lease=lease, caller=caller, create_only=create_only
         )
@@ -374,6 +599,7 @@ class SQLiteStore(Store):
         caller: Caller,
     ) -> Written[Service]:
         set_attrs, remove = validate_update(name, set_attrs, remove_attrs, expected_mod_revision)
+        self._writable()
         prev, attrs = self.check_update(
             name, set_attrs, remove, expected_mod_revision=expected_mod_revision, caller=caller
         )
@@ -389,8 +615,9 @@ class SQLiteStore(Store):
     async def unregister(
         self, name: str, *, expected_mod_revision: Revision, caller: Caller
     ) -> Written[Service]:
-        validate_name(name)
+        validate_name(name, new=False)
         validate_expected(expected_mod_revision)
+        self._writable()
         prev = self.owned_service(name, caller, expected_mod_revision)
         revision = self._next_revision()
         event, op = self._delete(prev, revision)
@@ -401,11 +628,13 @@ class SQLiteStore(Store):
 
     async def grant(self, ttl_ms: int, *, caller: Caller) -> Written[Lease]:
         validate_ttl(ttl_ms)
+        self._writable()
         lease = Lease(self.next_lease, ttl_ms, caller.name, time.monotonic() + ttl_ms / 1000)
         self.next_lease += 1
         self.leases[lease.id] = lease
         heapq.heappush(self._deadlines, (lease.deadline, lease.id))
-        op = ("INSERT INTO leases VALUES (?, ?, ?)", (lease.id, ttl_ms, caller.name))
+        row = (lease.id, ttl_ms, caller.name)
+        op = ("INSERT INTO leases VALUES (?, ?, ?, ?)", (*row, row_crc(*row)))
         decided_at = self.revision
         await wait(self._enqueue([op]))
         return Written(lease, decided_at)
@@ -444,6 +673,7 @@ class SQLiteStore(Store):
 
         ``caller`` None is the registry itself (expiry, a closed stream).
         """
+        self._writable()
         lease = self.check_revoke(lease_id, caller)
         del self.leases[lease_id]
         ops: list[Op] = [("DELETE FROM leases WHERE id = ?", (lease_id,))]
@@ -460,7 +690,9 @@ class SQLiteStore(Store):
     def expire(self, now: float | None = None) -> list[LeaseID]:
         """End every lease whose deadline has passed; return their ids."""
         now = time.monotonic() if now is None else now
-        ended = []
+        ended: list[LeaseID] = []
+        if self._failed is not None:  # ended once the store writes again
+            return ended
         while self._deadlines and self._deadlines[0][0] <= now:
             _, lid = heapq.heappop(self._deadlines)
             lease = self.leases.get(lid)

@@ -134,7 +134,7 @@ class State:
     # ---- reads --------------------------------------------------------------
 
     def get(self, name: str) -> Service:
-        validate_name(name)
+        validate_name(name, new=False)
         try:
             return self.services[name]
         except KeyError:
@@ -169,17 +169,22 @@ class State:
             key=lambda s: s.name,
         )
 
-    def lease_list(self) -> list[Lease]:
-        return [self.leases[i] for i in sorted(self.leases)]
+    def lease_list(self, caller: Caller) -> list[Lease]:
+        """The leases ``caller`` may see: an admin every one, others their own."""
+        return [
+            self.leases[i]
+            for i in sorted(self.leases)
+            if caller.admin or self.leases[i].owner == caller.name
+        ]
 
     # ---- what a write may do (checks only: nothing changes) ------------------
 
     def owned_lease(self, lease_id: LeaseID, caller: Caller) -> Lease:
+        """``caller``'s lease. Someone else's is not found, as one that never
+        existed: whether a lease exists, and whose, is its owner's business."""
         lease = self.leases.get(lease_id)
-        if lease is None:
+        if lease is None or lease.owner != caller.name:
             raise NotFound(f"lease {lease_id} not found or expired")
-        if lease.owner != caller.name:
-            raise PermissionDenied(f"lease {lease_id} belongs to {lease.owner}, not {caller.name}")
         return lease
 
     def owned_service(self, name: str, caller: Caller, expected: Revision) -> Service:
@@ -248,11 +253,9 @@ class State:
         return self.owned_lease(lease_id, caller)
 
     def check_keepalive(self, lease_id: LeaseID, caller: Caller) -> Lease | None:
-        """The lease to renew, or None when it is gone."""
+        """The lease to renew, or None when it is gone (or someone else's)."""
         lease = self.leases.get(lease_id)
-        if lease is not None and lease.owner != caller.name:
-            raise PermissionDenied(f"lease {lease_id} belongs to {lease.owner}, not {caller.name}")
-        return lease
+        return lease if lease is not None and lease.owner == caller.name else None
 
     # ---- history ------------------------------------------------------------
 
@@ -327,7 +330,7 @@ def validate_update(
     name: str, set_attrs: Mapping[str, str], remove_attrs: Iterable[str], expected: Revision
 ) -> tuple[dict[str, str], set[str]]:
     """Check an Update request on its own; return what to set and remove."""
-    validate_name(name)
+    validate_name(name, new=False)
     set_attrs = validate_attrs(set_attrs, "set_attrs")
     remove = {validate_attr_name(a, "remove_attrs") for a in remove_attrs}
     if both := remove & set_attrs.keys():

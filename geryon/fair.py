@@ -67,7 +67,8 @@ class FairQueue:
 
     @contextlib.asynccontextmanager
     async def turn(self, who: str, what: str) -> AsyncIterator[None]:
-        """Hold one place in service for ``who``'s write."""
+        """Hold one place in service for ``who``'s write (``what``, for the
+        refusal's words). A write refused here has spent its quota token."""
         now = time.monotonic()
         flow = self.flows.get(who)
         if flow is None:
@@ -88,7 +89,10 @@ class FairQueue:
 
     def _done(self, who: str, flow: _Flow) -> None:
         flow.in_service -= 1
-        if flow.in_service == 0 and not flow.waiting:
+        self._forget_if_idle(who, flow)
+
+    def _forget_if_idle(self, who: str, flow: _Flow) -> None:
+        if flow.in_service == 0 and not flow.waiting and self.flows.get(who) is flow:
             del self.flows[who]
 
     async def _wait(self, who: str, flow: _Flow, what: str) -> None:
@@ -104,12 +108,15 @@ class FairQueue:
         except asyncio.CancelledError:
             if not admitted.cancelled():  # admitted the moment its caller went
                 self._done(who, flow)
-            else:
+                raise
+            # The pacer may have passed over it already (it was cancelled a
+            # step before this runs).
+            with contextlib.suppress(ValueError):
                 flow.waiting.remove(admitted)
-                if not flow.waiting:
+            if not flow.waiting:
+                with contextlib.suppress(ValueError):
                     self.turns.remove(who)
-                    if not flow.in_service:
-                        del self.flows[who]
+            self._forget_if_idle(who, flow)
             raise
 
     def _admit_next(self) -> bool:
@@ -120,10 +127,12 @@ class FairQueue:
             admitted = flow.waiting.popleft()
             if flow.waiting:
                 self.turns.append(who)
-            if not admitted.done():  # else its caller went while it waited
-                flow.in_service += 1
-                admitted.set_result(None)
-                return True
+            if admitted.done():  # its caller went while it waited
+                self._forget_if_idle(who, flow)
+                continue
+            flow.in_service += 1
+            admitted.set_result(None)
+            return True
         return False
 
     # ---- the pacer ------------------------------------------------------------

@@ -10,8 +10,9 @@ from __future__ import annotations
 import enum
 import re
 import unicodedata
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from geryon.errors import InvalidArgument
 
@@ -195,9 +196,7 @@ def validate_filter(attrs: Mapping[str, str], prefix: str = "") -> Filter:
 
 def validate_ttl(ttl_ms: int) -> int:
     if not MIN_TTL_MS <= ttl_ms <= MAX_TTL_MS:
-        raise InvalidArgument(
-            f"ttl_ms: {ttl_ms} outside {MIN_TTL_MS}..{MAX_TTL_MS} milliseconds"
-        )
+        raise InvalidArgument(f"ttl_ms: {ttl_ms} outside {MIN_TTL_MS}..{MAX_TTL_MS} milliseconds")
     return ttl_ms
 
 
@@ -217,6 +216,17 @@ class Caller:
     connection: str = ""
     # When its certificate expires (POSIX time; 0: never, plain text).
     expires: float = 0.0
+
+    @classmethod
+    def plain_text(cls, metadata: Iterable[tuple[str, Any]] | None, peer: str) -> Caller:
+        """A caller over plain text: the local admin, named by its
+        ``geryon-user`` metadata when given (so owners still mean something
+        in development), its limits its connection's."""
+        name = "admin"
+        for key, value in metadata or ():
+            if key == "geryon-user" and value:
+                name = str(value)
+        return cls(name, "admin", connection=peer)
 
     @property
     def admin(self) -> bool:

@@ -37,8 +37,8 @@ class Quota:
         now = time.monotonic()
         b = self._buckets.get(who)
         if b is None:
-            if len(self._buckets) > 100_000:  # forget idle callers, bounded memory
-                self._buckets.clear()
+            if len(self._buckets) > 100_000:  # bounded memory: forget idle callers
+                self._forget_full(now)
             b = self._buckets[who] = _Bucket(self.burst, now)
         b.tokens = min(self.burst, b.tokens + (now - b.stamp) * self.rate)
         b.stamp = now
@@ -47,3 +47,12 @@ class Quota:
             raise ResourceExhausted(f"{what}: {who} is over its quota of {self.rate:g}/s")
         b.tokens -= 1  # below zero: borrowed from the time it waits
         return wait
+
+    def _forget_full(self, now: float) -> None:
+        """Drop the buckets that have refilled: forgetting them changes
+        nothing (one in debt would be given its tokens back)."""
+        self._buckets = {
+            who: b
+            for who, b in self._buckets.items()
+            if b.tokens + (now - b.stamp) * self.rate < self.burst
+        }

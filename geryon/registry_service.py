@@ -15,7 +15,7 @@ import contextlib
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
@@ -52,15 +52,8 @@ WRITERS = frozenset({"admin", "node"})
 
 
 def plaintext_caller(context: grpc.aio.ServicerContext) -> Caller:
-    """Without TLS every caller is a local admin; the optional ``geryon-user``
-    metadata names it, so owners still mean something in development. Its
-    limits are its connection's: one process holding many watches leaves
-    the others theirs."""
-    name = "admin"
-    for key, value in context.invocation_metadata() or ():
-        if key == "geryon-user" and value:
-            name = str(value)
-    return Caller(name, "admin", connection=context.peer())
+    """Without TLS every caller is a local admin (Caller.plain_text)."""
+    return Caller.plain_text(context.invocation_metadata(), context.peer())
 
 
 def local_admin_on_unix(authenticate: Authenticate, name: str) -> Authenticate:
@@ -141,19 +134,15 @@ class RegistryService(pb_grpc.RegistryServicer):
             raise PermissionDenied(f"{caller.role} {caller.name} may not {what}")
 
     async def _mutated(
-        self, caller: Caller, what: str, target: object, write: Coroutine[Any, Any, Written[T]]
+        self, caller: Caller, what: str, target: object, write: Callable[[], Awaitable[Written[T]]]
     ) -> Written[T]:
-        """Run ``write`` once its identity's quota and turn allow."""
+        """Run ``write()`` once its identity's quota and turn allow."""
         who = caller.limited_as
-        try:
-            wait = self.writes.take(who, what, max_wait=QUOTA_WAIT_S)
-        except GeryonError:
-            write.close()
-            raise
+        wait = self.writes.take(who, what, max_wait=QUOTA_WAIT_S)
         if wait:
             await asyncio.sleep(wait)
         async with self.fair.turn(who, what):
-            written = await write
+            written = await write()
         # DEBUG, not INFO: at thousands of writes a second the log line would
         # cost more than the write's own work.
         log.debug("registryd: %s %s by %s %s", what, target, caller.role, caller.name)
@@ -174,7 +163,7 @@ class RegistryService(pb_grpc.RegistryServicer):
                 caller,
                 "register",
                 request.name,
-                self.store.register(
+                lambda: self.store.register(
                     request.name,
                     request.attrs,
                     lease=request.lease,
@@ -194,7 +183,7 @@ class RegistryService(pb_grpc.RegistryServicer):
                 caller,
                 "update",
                 request.name,
-                self.store.update(
+                lambda: self.store.update(
                     request.name,
                     request.set_attrs,
                     request.remove_attrs,
@@ -215,7 +204,7 @@ class RegistryService(pb_grpc.RegistryServicer):
                 caller,
                 "unregister",
                 request.name,
-                self.store.unregister(
+                lambda: self.store.unregister(
                     request.name,
                     expected_mod_revision=request.expected_mod_revision,
                     caller=caller,
@@ -252,7 +241,7 @@ class RegistryService(pb_grpc.RegistryServicer):
                 caller,
                 "grant lease with ttl_ms",
                 request.ttl_ms,
-                self.store.grant(request.ttl_ms, caller=caller),
+                lambda: self.store.grant(request.ttl_ms, caller=caller),
             )
             return pb.GrantResponse(
                 header=header(self.store.durable_revision), lease=lease.id, ttl_ms=lease.ttl_ms
@@ -267,7 +256,7 @@ class RegistryService(pb_grpc.RegistryServicer):
                 caller,
                 "revoke lease",
                 request.lease,
-                self.store.revoke(request.lease, caller=caller),
+                lambda: self.store.revoke(request.lease, caller=caller),
             )
             # The header is the revision that deleted its services.
             return pb.RevokeResponse(header=header(revision), deleted=deleted)
@@ -479,11 +468,12 @@ class RegistryService(pb_grpc.RegistryServicer):
                 else:
                     watcher.fail(InvalidArgument("watch: only one create_request per stream"))
                     return
-        except Exception:
-            # The call was ended under us (a malformed request answered
-            # INVALID_ARGUMENT) or is gone: end the watch now rather than at
-            # its next event, which may be a day away. Its status is decided.
-            watcher.fail(InvalidArgument("watch: the request stream failed"))
+        except grpc.aio.AbortError:
+            # A malformed request ended the call with INVALID_ARGUMENT (wire.py):
+            # end the watch now, not at its next event, which may be a day away.
+            watcher.fail(InvalidArgument("watch: malformed request"))
+        except Exception:  # the connection went: the call's cancellation ends it
+            pass
 
     async def _stream(
         self, watcher: Watcher, progress: asyncio.Event, interval: float

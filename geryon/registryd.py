@@ -146,7 +146,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=int,
         default=1000,
         metavar="N",
-        help="open Watch streams per identity (default 1000)",
+        help="open Watch streams per identity (per name and connection over plain "
+        "text; default 1000)",
     )
     p.add_argument("--metrics", metavar="HOST:PORT", help="serve Prometheus metrics here")
     p.add_argument(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import fcntl
 import getpass
 import hashlib
@@ -301,7 +302,7 @@ async def test_runas_roles_and_limits_over_tls(
     ids = identities(tmp_path)
     registry = start_registry(extra=["--tls-dir", str(ids["registry"])])
     agent(daemons, tmp_path, registry, "host0",
-          {"runas": {"alice": ACCOUNT}, "max_sessions_per_identity": 1},
+          {"runas": {"alice": ACCOUNT, "bob": ACCOUNT}, "max_sessions_per_identity": 1},
           tls_dir=str(ids["host0"]))  # fmt: skip
 
     def as_(who: str, *argv: str, **kw: object) -> subprocess.CompletedProcess[str]:
@@ -338,6 +339,18 @@ async def test_runas_roles_and_limits_over_tls(
     first.cancel()
     r = await asyncio.to_thread(as_, "alice", "--", "true")
     assert r.returncode == 0, r.stderr
+
+    # A session ends with its caller's certificate, and says why.
+    now = dt.datetime.now(dt.UTC)
+    ids["bob"] = tls.issue(tmp_path / "ca", "bob", role="admin", out=tmp_path / "id" / "bob",
+                           _not_before=now - dt.timedelta(hours=1),
+                           _not_after=now + dt.timedelta(seconds=6))  # fmt: skip
+    s = await opened("bob", ["sleep", "120"])
+    with pytest.raises(errors.Unavailable, match="bob: certificate expired: the session was"):
+        async with asyncio.timeout(60):
+            async for _fd, piece in s.output():
+                await s.consumed(len(piece))
+    assert s.exit is not None and s.exit.signal == "KILL"
 
     # Root only with allow_root: the agent refuses the file before anything runs.
     cfg = tmp_path / "root.toml"

@@ -671,6 +671,46 @@ async def test_revision_and_lease_ids_never_go_back(open_store: Opener) -> None:
         assert store.next_lease == top + 1 and store.leases == {}
 
 
+V1_SCHEMA = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+CREATE TABLE services (
+    name TEXT PRIMARY KEY, attrs TEXT NOT NULL, lease INTEGER NOT NULL,
+    owner TEXT NOT NULL, create_revision INTEGER NOT NULL, mod_revision INTEGER NOT NULL);
+CREATE TABLE leases (id INTEGER PRIMARY KEY, ttl_ms INTEGER NOT NULL, owner TEXT NOT NULL);
+CREATE TABLE events (
+    revision INTEGER NOT NULL, idx INTEGER NOT NULL, type INTEGER NOT NULL,
+    service TEXT NOT NULL, prev TEXT, ts REAL NOT NULL, PRIMARY KEY (revision, idx));
+"""
+
+
+async def test_a_store_from_before_checksums_is_upgraded(tmp_path: Path) -> None:
+    """A database written before rows carried checksums opens, gets them,
+    and is checked from then on."""
+    svc = '["a",{"x":"1"},0,"alice",1,1]'
+    with sqlite3.connect(tmp_path / "registry.db") as db:
+        db.executescript(V1_SCHEMA)
+        db.execute("INSERT INTO services VALUES ('a', '{\"x\":\"1\"}', 0, 'alice', 1, 1)")
+        db.execute("INSERT INTO leases VALUES (1, 1000, 'alice')")
+        db.execute("INSERT INTO events VALUES (1, 0, 1, ?, NULL, 1.5)", (svc,))
+        db.executemany(
+            "INSERT INTO meta VALUES (?, ?)", [("revision", 1), ("next_lease", 2), ("oldest", 1)]
+        )
+    store = await SQLiteStore.open(tmp_path)
+    assert store.get("a").attrs == {"x": "1"} and list(store.leases) == [1]
+    assert [r for r, _, _ in store.history] == [1]
+    await reg(store, "b")
+    await store.close()
+    with sqlite3.connect(tmp_path / "registry.db") as db:
+        assert db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone() == (2,)
+        db.execute("UPDATE services SET attrs = '{\"x\":\"2\"}' WHERE name = 'a'")
+    with pytest.raises(FailedPrecondition, match="service 'a': checksum does not match"):
+        await SQLiteStore.open(tmp_path)
+    with sqlite3.connect(tmp_path / "registry.db") as db:
+        db.execute("UPDATE meta SET value = 3 WHERE key = 'schema'")
+    with pytest.raises(FailedPrecondition, match=r"written by a newer registry \(schema 3"):
+        await SQLiteStore.open(tmp_path)
+
+
 async def test_an_unsynced_change_is_flushed_by_close(open_store: Opener) -> None:
     store = await open_store()
     writes = [

@@ -56,13 +56,8 @@ EXIT_LINGER_S = 5.0
 
 
 def plaintext_caller(context: grpc.aio.ServicerContext) -> Caller:
-    """Without TLS the caller is the local admin, named by ``geryon-user``
-    metadata when given (as the registry does)."""
-    name = "admin"
-    for key, value in context.invocation_metadata() or ():
-        if key == "geryon-user" and value:
-            name = str(value)
-    return Caller(name, "admin", connection=context.peer())
+    """Without TLS the caller is the local admin (Caller.plain_text)."""
+    return Caller.plain_text(context.invocation_metadata(), context.peer())
 
 
 class Limits:
@@ -181,9 +176,7 @@ class CpuService(cpu_pb_grpc.CpuServiceServicer):
             max_sessions_per_identity=self.limits.per_identity,
         )
 
-    async def Session(
-        self, request_iterator: Any, context: grpc.aio.ServicerContext
-    ) -> None:
+    async def Session(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> None:
         caller: Caller | None = None
         try:
             caller = self.authenticate(context)
@@ -262,12 +255,12 @@ class CpuService(cpu_pb_grpc.CpuServiceServicer):
             raise Unavailable(f"cpu: cannot start a session: {exc.strerror or exc}") from None
         self.sessions[sid] = proc
         expired = ""
-        ending: set[asyncio.Task[None]] = set()
+        ending: asyncio.Task[None] | None = None
 
         def expire() -> None:  # a session ends with its caller's certificate
-            nonlocal expired
+            nonlocal expired, ending
             expired = f"cpu: {caller.name}: certificate expired: the session was ended"
-            ending.add(asyncio.create_task(proc.end()))
+            ending = asyncio.create_task(proc.end())
 
         left = caller.expires_in(time.time())
         expiry = asyncio.get_running_loop().call_later(left, expire) if left is not None else None
@@ -308,6 +301,8 @@ class CpuService(cpu_pb_grpc.CpuServiceServicer):
         finally:
             if expiry is not None:
                 expiry.cancel()
+            if ending is not None:
+                await asyncio.gather(ending, return_exceptions=True)
             del self.sessions[sid]
             await proc.kill()
 

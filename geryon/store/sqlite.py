@@ -119,13 +119,15 @@ def _attrs(value: object) -> dict[str, str]:
     return value
 
 
-def _service(name: object, attrs: object, lease: object, owner: object, *revs: object) -> Service:
+def _service(
+    name: object, attrs: object, lease: object, owner: object, create: object, mod: object
+) -> Service:
     """A stored service, checked to be one (a row SQLite kept but we cannot read)."""
     if not isinstance(name, str) or not isinstance(owner, str):
         raise ValueError("name or owner is not text")
-    if not isinstance(lease, int) or not all(isinstance(r, int) for r in revs) or len(revs) != 2:
+    if not all(isinstance(n, int) for n in (lease, create, mod)):
         raise ValueError("lease or revisions are not integers")
-    return Service(name, _attrs(attrs), lease, owner, revs[0], revs[1])
+    return Service(name, _attrs(attrs), lease, owner, create, mod)
 
 
 def _service_from_json(text: str) -> Service:
@@ -254,21 +256,25 @@ class SQLiteStore(Store):
             # SQLite would say only "unable to open database file".
             if where.exists() and not os.access(where, os.W_OK):
                 raise FailedPrecondition(f"{self.path}: {where} is read-only to this registry")
+        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         try:
-            self._db = self._open_db()
+            self._open_db(self._db)
             self._apply(self._read_durable(self._db))
             self._load_history(self._db)
             # Refuse now, not at the first write, a store we cannot write.
             self._write([], self.revision)
-        except sqlite3.DatabaseError as exc:  # not ours, or damaged: say so, touch nothing
-            raise FailedPrecondition(f"{self.path}: {_cause(exc)}") from None
-        except Damaged as exc:
-            raise FailedPrecondition(
-                f"{self.path} is damaged ({exc}): restore it from a backup or move it aside"
-            ) from None
+        except BaseException as exc:
+            self._db.close()
+            self._db = None
+            if isinstance(exc, Damaged):
+                raise FailedPrecondition(
+                    f"{self.path} is damaged ({exc}): restore it from a backup or move it aside"
+                ) from None
+            if isinstance(exc, sqlite3.DatabaseError):  # not ours, or unwritable: touch nothing
+                raise FailedPrecondition(f"{self.path}: {_cause(exc)}") from None
+            raise
 
-    def _open_db(self) -> sqlite3.Connection:
-        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+    def _open_db(self, db: sqlite3.Connection) -> None:
         report = [r[0] for r in db.execute("PRAGMA quick_check(100)")]
         if report != ["ok"]:
             # One line: the first problem found, and how many more.
@@ -284,8 +290,10 @@ class SQLiteStore(Store):
         if version < SCHEMA_VERSION:
             _add_checksums(db)
         elif version > SCHEMA_VERSION:
-            raise Damaged(f"schema {version} is newer than this registry's {SCHEMA_VERSION}")
-        return db
+            raise FailedPrecondition(
+                f"{self.path}: written by a newer registry (schema {version}; "
+                f"this one reads up to {SCHEMA_VERSION})"
+            )
 
     def _read_durable(self, db: sqlite3.Connection) -> _Durable:
         """The live state as the database holds it, every row checked."""
@@ -482,7 +490,7 @@ class SQLiteStore(Store):
                     )
                     self._stale = False
                     log.info("store: serving reads of what is durable, revision %d", self.revision)
-                await loop.run_in_executor(self._writer, self._write, [], self.revision)
+                await loop.run_in_executor(self._writer, self._probe)
             except Exception as exc:
                 log.debug("store: still cannot write: %s", _cause(exc))
                 await asyncio.sleep(RETRY_S)
@@ -491,6 +499,16 @@ class SQLiteStore(Store):
             log.warning("store: writing again at revision %d", self.revision)
             self.set_health(None)
             return
+
+    def _probe(self) -> None:
+        """Can a commit land again? Fold the WAL into the database and empty
+        it first: a commit that only reuses room the WAL already had proves
+        nothing about the disk."""
+        assert self._db is not None
+        busy, _, _ = self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        if busy:
+            raise sqlite3.OperationalError("the WAL could not be checkpointed")
+        self._write([], self.revision)
 
     def _write(self, ops: list[Op], revision: Revision) -> None:
         assert self._db is not None
@@ -505,7 +523,6 @@ class SQLiteStore(Store):
                     ("revision", revision),
                     ("next_lease", self.next_lease),
                     ("oldest", self.oldest_revision),
-                    ("schema", SCHEMA_VERSION),
                 ],
             )
             db.execute("COMMIT")
@@ -718,4 +735,6 @@ class SQLiteStore(Store):
         heapq.heapify(self._deadlines)
 
     def next_deadline(self) -> float | None:
+        if self._failed is not None:  # nothing expires until writes resume
+            return None
         return self._deadlines[0][0] if self._deadlines else None

@@ -62,7 +62,7 @@ import math
 import os
 import re
 import socket
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import KW_ONLY, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -318,6 +318,15 @@ class _Table:
     def key(self, k: str) -> str:
         return f"{self.where}.{k}" if self.where else k
 
+    def tables(self, k: str) -> Iterator[tuple[int, _Table]]:
+        """The tables of the array of tables ``[[k]]``, each read on its own."""
+        for i, raw in enumerate(self.get(k, list, []) or []):
+            where = f"{self.key(k)}[{i}]"
+            if not isinstance(raw, dict):
+                self.problem(f"{k}[{i}]", f"want a table ([[{k}]])")
+                continue
+            yield i, _Table(raw, where, self.problems, self.file)
+
     def problem(self, k: str, what: str) -> None:
         self.problems.append(f"{self.file}: {self.key(k)}: {what}")
 
@@ -517,12 +526,7 @@ def parse(data: Mapping[str, Any], path: Path) -> AgentConfig:
     ids: dict[str, str] = {}
     paths: dict[Path, str] = {}
     ports: dict[int, str] = {}
-    for i, raw in enumerate(top.get("chunk", list, []) or []):
-        where = f"chunk[{i}]"
-        if not isinstance(raw, dict):
-            problems.append(f"{file}: {where}: want a table ([[chunk]])")
-            continue
-        t = _Table(raw, where, problems, file)
+    for _, t in top.tables("chunk"):
         cid = t.get("id", str, None, required=True, parse=_name)
         cpath = t.get("path", str, None, required=True)
         size = t.get("size", (str, int), None, required=True, parse=parse_size)
@@ -540,7 +544,7 @@ def parse(data: Mapping[str, Any], path: Path) -> AgentConfig:
         if cid is not None:
             if cid in ids:
                 t.problem("id", f"duplicate chunk id {cid!r} (also {ids[cid]}.id)")
-            ids.setdefault(cid, where)
+            ids.setdefault(cid, t.where)
         if cpath is not None:
             if not cpath:
                 t.problem("path", "empty")
@@ -550,7 +554,7 @@ def parse(data: Mapping[str, Any], path: Path) -> AgentConfig:
                 p = Path(os.path.abspath(path.parent / cpath))
                 if p in paths:
                     t.problem("path", f"{cpath!r} is also {paths[p]}.path")
-                paths.setdefault(p, where)
+                paths.setdefault(p, t.where)
                 cpath = p
         _claim(t, "port", port, ports)
         if users is not None:
@@ -565,12 +569,12 @@ def parse(data: Mapping[str, Any], path: Path) -> AgentConfig:
                 else:
                     if owner and not table.exists(owner):
                         t.problem("users", f"{users} does not name the owner {owner}")
-        if not command and "command" not in raw and size is not None and size < MIN_CAPACITY:
+        if not command and "command" not in t.data and size is not None and size < MIN_CAPACITY:
             t.problem("size", f"a disk needs at least {MIN_CAPACITY} bytes (256KiB)")
         if command and (owner or users or sync):
             key = "owner" if owner else "users" if users else "sync"
             t.problem(key, "only for a disk (a chunk without command)")
-        if None not in (cid, cpath, size) and ("command" not in raw or command):
+        if None not in (cid, cpath, size) and ("command" not in t.data or command):
             chunks.append(
                 ChunkSpec(
                     cid,
@@ -591,12 +595,7 @@ def parse(data: Mapping[str, Any], path: Path) -> AgentConfig:
 
     listeners: list[ListenerSpec] = []
     per_addr: dict[ListenAddr, int] = {}
-    for i, raw in enumerate(top.get("listener", list, []) or []):
-        where = f"listener[{i}]"
-        if not isinstance(raw, dict):
-            problems.append(f"{file}: {where}: want a table ([[listener]])")
-            continue
-        t = _Table(raw, where, problems, file)
+    for _, t in top.tables("listener"):
         addr = t.get("addr", str, None, required=True, parse=parse_listen_addr)
         command = _command(t, "command")
         max_conns = t.get("max_conns", int, 64, parse=_positive)
@@ -617,12 +616,7 @@ def parse(data: Mapping[str, Any], path: Path) -> AgentConfig:
             )
 
     cpus: list[CpuSpec] = []
-    for i, raw in enumerate(top.get("cpu", list, []) or []):
-        where = f"cpu[{i}]"
-        if not isinstance(raw, dict):
-            problems.append(f"{file}: {where}: want a table ([[cpu]])")
-            continue
-        t = _Table(raw, where, problems, file)
+    for i, t in top.tables("cpu"):
         port = t.get("port", int, 0, parse=_port)
         runas = _strings(t, "runas", attrs=False)
         allow_root = t.get("allow_root", bool, False)

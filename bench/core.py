@@ -59,6 +59,8 @@ class Sizes:
     churn: int = 1_000  # leases granted, renewed once and revoked (16 clients)
     churn_1: int = 1_000  # the same with 1 client
     echo_calls: int = 2_000  # per round and concurrency
+    batch_agents: int = 100  # register in batches: agents, each on its own connection
+    batch_size: int = 100  # services per agent, in one call
     agents: int = 20  # re-announce: node agents, in-process in agent_helpers processes
     agent_services: int = 50  # services per agent
     agent_helpers: int = 2
@@ -80,6 +82,8 @@ class Sizes:
             updates=50,
             churn=40,
             churn_1=20,
+            batch_agents=4,
+            batch_size=10,
             echo_calls=200,
             agents=2,
             agent_services=5,
@@ -233,6 +237,11 @@ class Conn(abc.ABC):
     @abc.abstractmethod
     async def put(self, name: str, attrs: Mapping[str, str], lease: int = 0) -> None:
         """Register ``name`` under ``lease``, or persistent when it is 0."""
+
+    @abc.abstractmethod
+    async def put_batch(self, items: Sequence[tuple[str, Mapping[str, str], int]]) -> None:
+        """Register every (name, attrs, lease) in one call: Geryon's
+        RegisterBatch, etcd's Txn of puts."""
 
     @abc.abstractmethod
     async def find(self, attr: str, value: str) -> list[str]:

@@ -24,7 +24,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
 
 import grpc
@@ -174,6 +174,23 @@ class EtcdConn(Conn):
             pb.PutRequest(key=PREFIX + name.encode(), value=encode(attrs), lease=lease),
             timeout=self.timeout,
         )
+
+    async def put_batch(self, items: Sequence[tuple[str, Mapping[str, str], int]]) -> None:
+        r = await self.kv.Txn(
+            pb.TxnRequest(
+                success=[
+                    pb.RequestOp(
+                        request_put=pb.PutRequest(
+                            key=PREFIX + name.encode(), value=encode(attrs), lease=lease
+                        )
+                    )
+                    for name, attrs, lease in items
+                ]
+            ),
+            timeout=self.timeout,
+        )
+        if not r.succeeded:
+            raise RuntimeError("bench: etcd txn failed")
 
     async def find(self, attr: str, value: str) -> list[str]:
         r = await self.kv.Range(

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
 
 import grpc
@@ -123,6 +123,17 @@ class GeryonConn(Conn):
     async def put(self, name: str, attrs: Mapping[str, str], lease: int = 0) -> None:
         await self.stub.Register(
             pb.RegisterRequest(name=name, attrs=attrs, lease=lease, persist=not lease),
+            timeout=self.timeout,
+        )
+
+    async def put_batch(self, items: Sequence[tuple[str, Mapping[str, str], int]]) -> None:
+        await self.stub.RegisterBatch(
+            pb.RegisterBatchRequest(
+                services=[
+                    pb.RegisterRequest(name=name, attrs=attrs, lease=lease, persist=not lease)
+                    for name, attrs, lease in items
+                ]
+            ),
             timeout=self.timeout,
         )
 

@@ -52,6 +52,7 @@ from pathlib import Path
 from geryon import errors, procs
 from geryon.agent_config import ListenAddr
 from geryon.client import Backoff, Client, Lease
+from geryon.model import MAX_BATCH, Registration
 
 log = logging.getLogger("geryon.announce")
 
@@ -60,6 +61,13 @@ log = logging.getLogger("geryon.announce")
 CALL_TIMEOUT = 2.0
 # Concurrent Register/Update calls while (re-)announcing many entries.
 SYNC_CONCURRENCY = 16
+# What refuses one entry for good (until its desired attributes change).
+REFUSED = (
+    errors.InvalidArgument,
+    errors.AlreadyExists,
+    errors.PermissionDenied,
+    errors.FailedPrecondition,
+)
 # How often an up lease's keepalive state is looked at, for the transition
 # log: client.Lease has an event for its stream coming up, none for it breaking.
 OVERLOADED = b"server overloaded\n"
@@ -231,8 +239,15 @@ class Announcer:
         lease = self.lease
         while names := self._pending():
             limit = asyncio.Semaphore(SYNC_CONCURRENCY)
+            # Names new to the registry go in batches, one revision each;
+            # changes and removals one call each.
+            new = [n for n in names if n in self.desired and n not in self.actual]
+            rest = [n for n in names if n in self.actual or n not in self.desired]
+            batches = [new[i : i + MAX_BATCH] for i in range(0, len(new), MAX_BATCH)]
             results = await asyncio.gather(
-                *(self._apply(name, lease, limit) for name in names), return_exceptions=True
+                *(self._register(batch, lease, limit) for batch in batches),
+                *(self._apply(name, lease, limit) for name in rest),
+                return_exceptions=True,
             )
             for r in results:
                 if isinstance(r, BaseException):
@@ -251,6 +266,30 @@ class Announcer:
                 continue
             out.append(name)
         return sorted(out)
+
+    async def _register(self, names: list[str], lease: Lease, limit: asyncio.Semaphore) -> None:
+        """Register ``names`` in one RegisterBatch. The batch is all or
+        nothing: when it is refused, register them one by one, so each
+        refusal is its own and the others still get in."""
+        wants = {name: self.desired[name] for name in names}
+        async with limit:
+            try:
+                await self.client.register_batch(
+                    Registration(name, want, lease=lease.id) for name, want in wants.items()
+                )
+            except errors.NotFound:  # the only thing a register may not find
+                lease.lost.set()
+                raise _LeaseGone from None
+            except REFUSED:
+                refused = True
+            else:
+                refused = False
+        if refused:
+            await asyncio.gather(*(self._apply(name, lease, limit) for name in names))
+            return
+        for name, want in wants.items():
+            self.actual[name] = want
+            self.rejected.pop(name, None)
 
     async def _apply(self, name: str, lease: Lease, limit: asyncio.Semaphore) -> None:
         async with limit:
@@ -277,12 +316,7 @@ class Announcer:
                         raise _LeaseGone from None
                 self.actual[name] = want
                 self.rejected.pop(name, None)
-            except (
-                errors.InvalidArgument,
-                errors.AlreadyExists,
-                errors.PermissionDenied,
-                errors.FailedPrecondition,
-            ) as exc:
+            except REFUSED as exc:
                 if self.fail_fast:
                     raise  # our only entries: run() ends us
                 log.error("%s: cannot register %s: %s", self.who, name, exc)

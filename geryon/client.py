@@ -41,7 +41,7 @@ from tenacity import (
 
 from geryon import endpoints, errors
 from geryon.convert import RESUME_KEY, event_from_pb, pb, pb_grpc, service_from_pb
-from geryon.model import Event, LeaseID, Revision, Service
+from geryon.model import Event, LeaseID, Registration, Revision, Service
 
 log = logging.getLogger("geryon.client")
 
@@ -241,7 +241,10 @@ class Client:
             raise err from exc
 
     async def _call(self, method: str, kind: type, **fields: object) -> T:
-        request = build(kind, **fields)
+        return await self._send(method, build(kind, **fields))
+
+    async def _send(self, method: str, request: object) -> T:
+        """Send ``request``, retrying transient failures until the deadline."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.retry_for  # for the first try and every retry
         many, tries = len(self.targets), 0
@@ -302,6 +305,22 @@ class Client:
             create_only=create_only,
         )
         return service_from_pb(r.service)
+
+    async def register_batch(self, services: Iterable[Registration]) -> list[Service]:
+        """Register every one of ``services`` (at most 100) in one revision,
+        or none: a refusal names each refused entry by index and name.
+        Return them as stored (``owner`` is left empty: the registry does not
+        send back what the caller is)."""
+        services = list(services)
+        request = build(
+            pb.RegisterBatchRequest,
+            services=[build(pb.RegisterRequest, **r._asdict()) for r in services],
+        )
+        r = await self._send("RegisterBatch", request)
+        return [
+            Service(s.name, dict(s.attrs), s.lease, "", create, mod)
+            for s, create, mod in zip(services, r.create_revisions, r.mod_revisions, strict=True)
+        ]
 
     async def update(
         self,

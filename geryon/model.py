@@ -12,7 +12,7 @@ import re
 import unicodedata
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from geryon.errors import InvalidArgument
 
@@ -63,6 +63,21 @@ class Service:
     @property
     def persistent(self) -> bool:
         return self.lease == 0
+
+
+# The most entries one RegisterBatch may carry: etcd refuses a transaction of
+# more than 128 operations by default, and the etcd store's batch is one.
+MAX_BATCH = 100
+
+
+class Registration(NamedTuple):
+    """What one Register asks for; a RegisterBatch carries many."""
+
+    name: str
+    attrs: Mapping[str, str]
+    lease: LeaseID = 0
+    persist: bool = False
+    create_only: bool = False
 
 
 @dataclass(slots=True)

@@ -28,12 +28,16 @@ class Quota:
         self.burst = burst if burst is not None else max(rate * 2, 1.0)
         self._buckets: dict[str, _Bucket] = {}
 
-    def take(self, who: str, what: str, *, max_wait: float = 0.0) -> float:
-        """Spend one of ``who``'s tokens; return how long to wait before using
-        it (a token not yet earned may be borrowed up to ``max_wait`` ahead),
-        or raise ResourceExhausted and spend nothing."""
+    def take(self, who: str, what: str, *, max_wait: float = 0.0, cost: float = 1.0) -> float:
+        """Spend ``cost`` of ``who``'s tokens (a batch, one per entry); return
+        how long to wait before using them (tokens not yet earned may be
+        borrowed up to ``max_wait`` ahead), or raise ResourceExhausted and
+        spend nothing."""
         if self.rate <= 0:
             return 0.0
+        # Never more than a full bucket: a batch bigger than the burst
+        # would otherwise be refused however long its caller waited.
+        cost = min(cost, self.burst)
         now = time.monotonic()
         b = self._buckets.get(who)
         if b is None:
@@ -42,10 +46,10 @@ class Quota:
             b = self._buckets[who] = _Bucket(self.burst, now)
         b.tokens = min(self.burst, b.tokens + (now - b.stamp) * self.rate)
         b.stamp = now
-        wait = 0.0 if b.tokens >= 1 else (1 - b.tokens) / self.rate
+        wait = 0.0 if b.tokens >= cost else (cost - b.tokens) / self.rate
         if wait > max_wait:
             raise ResourceExhausted(f"{what}: {who} is over its quota of {self.rate:g}/s")
-        b.tokens -= 1  # below zero: borrowed from the time it waits
+        b.tokens -= cost  # below zero: borrowed from the time it waits
         return wait
 
     def _forget_full(self, now: float) -> None:

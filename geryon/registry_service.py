@@ -30,7 +30,7 @@ from geryon.errors import (
     Unavailable,
 )
 from geryon.fair import FairQueue
-from geryon.model import Caller, Event, Filter, Revision, validate_filter
+from geryon.model import Caller, Event, Filter, Registration, Revision, validate_filter
 from geryon.quota import Quota
 from geryon.store import Store, Written
 from geryon.watch import Hub, Watcher
@@ -134,11 +134,17 @@ class RegistryService(pb_grpc.RegistryServicer):
             raise PermissionDenied(f"{caller.role} {caller.name} may not {what}")
 
     async def _mutated(
-        self, caller: Caller, what: str, target: object, write: Callable[[], Awaitable[Written[T]]]
+        self,
+        caller: Caller,
+        what: str,
+        target: object,
+        write: Callable[[], Awaitable[Written[T]]],
+        cost: int = 1,
     ) -> Written[T]:
-        """Run ``write()`` once its identity's quota and turn allow."""
+        """Run ``write()`` once its identity's quota (``cost`` writes) and
+        turn allow."""
         who = caller.limited_as
-        wait = self.writes.take(who, what, max_wait=QUOTA_WAIT_S)
+        wait = self.writes.take(who, what, max_wait=QUOTA_WAIT_S, cost=cost)
         if wait:
             await asyncio.sleep(wait)
         async with self.fair.turn(who, what):
@@ -173,6 +179,34 @@ class RegistryService(pb_grpc.RegistryServicer):
                 ),
             )
             return pb.RegisterResponse(header=header(revision), service=service_to_pb(s))
+
+        return await self._call(context, do)
+
+    async def RegisterBatch(
+        self, request: pb.RegisterBatchRequest, context: Any
+    ) -> pb.RegisterBatchResponse:
+        async def do(caller: Caller) -> pb.RegisterBatchResponse:
+            self._may_write(caller, "register")
+            if not caller.admin and any(r.persist for r in request.services):
+                raise PermissionDenied(
+                    f"{caller.role} {caller.name} may not create persistent entries"
+                )
+            batch = [
+                Registration(r.name, r.attrs, r.lease, r.persist, r.create_only)
+                for r in request.services
+            ]
+            services, revision = await self._mutated(
+                caller,
+                "register",
+                f"{len(batch)} services",
+                lambda: self.store.register_batch(batch, caller=caller),
+                cost=len(batch),
+            )
+            return pb.RegisterBatchResponse(
+                header=header(revision),
+                create_revisions=[s.create_revision for s in services],
+                mod_revisions=[s.mod_revision for s in services],
+            )
 
         return await self._call(context, do)
 

@@ -317,3 +317,29 @@ def test_backoff_is_jittered_and_capped() -> None:
     assert all(cap / 2 <= d <= cap for d, cap in zip(delays, caps, strict=True))
     b.reset()
     assert b.next() <= 0.1
+
+
+async def test_announcer_registers_in_batches_and_keeps_the_good_ones(
+    registry: Registry, caplog: pytest.LogCaptureFixture
+) -> None:
+    """New names go in RegisterBatch calls of up to 100, one revision each;
+    a batch refused for one name is registered name by name, so only that
+    name is left out (and logged)."""
+    async with registry.client(user="node0") as c, registry.client(user="node1") as other:
+        theirs = await other.register("taken", {}, lease=await other.grant(30_000))
+        a = announce.Announcer(c, who="test", ttl=30)
+        for i in range(150):
+            a.put(f"s{i:03}", {"i": str(i)})
+        a.put("taken", {"x": "1"})  # sorts last: in the second batch
+        a.start()
+        try:
+            await asyncio.wait_for(a.synced.wait(), 30)
+            found, _ = await c.find(prefix="s")
+            assert len(found) == 150 and {s.lease for s in found} == {a.lease.id}
+            first = {s.mod_revision for s in found[:100]}
+            assert len(first) == 1  # the first batch: one revision
+            assert len({s.mod_revision for s in found[100:]}) == 50  # then one by one
+            assert await c.get("taken") == theirs
+            assert "test: cannot register taken: taken is registered by node1" in caplog.text
+        finally:
+            await a.close(revoke=True)

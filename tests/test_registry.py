@@ -17,7 +17,7 @@ from conftest import Registry, both_stores, collect, events_of, eventually
 from geryon import errors
 from geryon.client import Client
 from geryon.convert import pb, pb_grpc
-from geryon.model import EventType
+from geryon.model import EventType, Registration
 
 backend = both_stores  # every test here on both stores, unless it narrows it
 
@@ -89,6 +89,49 @@ async def test_upsert_by_owner_moves_lease_in_one_revision(registry: Registry) -
             await other.register("tcp!h!1", {"a": "3"}, persist=True)
         with pytest.raises(errors.NotFound, match=f"lease {new} not found"):
             await other.register("tcp!h!2", {}, lease=new)  # not other's: not told it exists
+
+
+async def test_register_batch_is_one_revision_or_nothing(registry: Registry) -> None:
+    async with registry.client(user="node0") as c, registry.client(user="node1") as other:
+        lease = await c.grant(30_000)
+        await other.register("tcp!h!taken", {}, lease=await other.grant(30_000))
+        watch = c.watch(prefix="tcp!h!")
+        it = await started(watch)
+        batch = [
+            Registration(f"tcp!h!{i}", {"svc": "kfs", "i": str(i)}, lease=lease) for i in range(100)
+        ]
+        done = await c.register_batch(batch)
+        rev = done[0].mod_revision
+        assert [s.name for s in done] == [r.name for r in batch]
+        assert {(s.mod_revision, s.lease) for s in done} == {(rev, lease)}
+        assert (await c.get("tcp!h!7")).owner == "node0"
+        # A watcher gets the whole revision in one message.
+        got = await collect(it, lambda ms: len(events_of(ms)) >= 100)
+        assert len([m for m in got if m.kind == "events"]) == 1
+        assert [(e.service.name, e.revision) for e in events_of(got)] == [
+            (r.name, rev) for r in batch
+        ]
+        # One refused entry refuses the batch; the error names it and what the
+        # others were, with the first refusal's code.
+        with pytest.raises(errors.AlreadyExists) as err:
+            await c.register_batch(
+                [
+                    Registration("tcp!h!new", {}, lease=lease),
+                    Registration("tcp!h!taken", {}, lease=lease),
+                ]
+            )
+        assert str(err.value) == (
+            "1 of 2 entries refused, nothing registered: "
+            "services[1] 'tcp!h!taken': tcp!h!taken is registered by node1"
+        )
+        with pytest.raises(errors.NotFound):
+            await c.get("tcp!h!new")
+        with pytest.raises(errors.InvalidArgument, match=r"^services: 101 entries, more than 100$"):
+            await c.register_batch([Registration(f"x{i}", {}, persist=True) for i in range(101)])
+        # Revoking the lease ends the batch's entries in one revision, as any.
+        assert await c.revoke(lease) == 100
+        assert (await c.find(prefix="tcp!h!"))[0] == [await other.get("tcp!h!taken")]
+        await watch.close()
 
 
 async def test_stale_mod_revision_is_failed_precondition(client: Client) -> None:

@@ -46,7 +46,7 @@ from geryon.errors import (
     ResourceExhausted,
     Unavailable,
 )
-from geryon.model import Caller, Event, EventType, Filter, Service
+from geryon.model import Caller, Event, EventType, Filter, Registration, Service
 from geryon.store import Limits, Written
 from geryon.store.sqlite import SQLiteStore
 
@@ -554,6 +554,99 @@ async def test_services_per_lease_limit(open_store: Opener) -> None:
     # Re-registering what the lease already holds is fine.
     assert (await reg(store, "a", {"k": "v"}, lease=lease.id)).attrs == {"k": "v"}
     assert lease.services == {"a", "b"} and other.services == {"c"}
+
+
+# ---- register_batch ------------------------------------------------------------
+
+
+async def test_a_batch_is_one_revision_and_durable(open_store: Opener) -> None:
+    store = await open_store()
+    heard: list[tuple[int, tuple[Event, ...]]] = []
+    store.on_commit.append(lambda rev, events: heard.append((rev, events)))
+    lease = await done(store.grant(1000, caller=ALICE))
+    await reg(store, "b", {"k": "old"})  # persistent: the batch moves it under the lease
+    written = await store.register_batch(
+        [
+            Registration("a", {"k": "1"}, lease=lease.id),
+            Registration("b", {"k": "2"}, lease=lease.id),
+            Registration("c", {}, persist=True),
+        ],
+        caller=ALICE,
+    )
+    rev = written.revision
+    assert [(s.name, s.mod_revision, s.lease) for s in written.value] == [
+        ("a", rev, lease.id),
+        ("b", rev, lease.id),
+        ("c", rev, 0),
+    ]
+    assert written.value[1].create_revision < rev  # b was replaced, not created
+    # One revision, every event in it, in the batch's order; b's PUT shows its past.
+    assert heard[-1][0] == rev and [e.service.name for e in heard[-1][1]] == ["a", "b", "c"]
+    assert heard[-1][1][1].prev is not None and heard[-1][1][1].prev.attrs == {"k": "old"}
+    assert lease.services == {"a", "b"}
+    assert names(store.find(Filter({"k": "*"}))) == ["a", "b"]
+    # The same batch again changes nothing and makes no revision.
+    again = await store.register_batch(
+        [Registration("a", {"k": "1"}, lease=lease.id), Registration("c", {}, persist=True)],
+        caller=ALICE,
+    )
+    assert store.revision == rev and again.revision == rev
+    assert [s.mod_revision for s in again.value] == [rev, rev]
+    await store.close()
+    store = await open_store()
+    assert {s.name: s.mod_revision for s in store.find(Filter())} == {"a": rev, "b": rev, "c": rev}
+
+
+async def test_a_refused_batch_changes_nothing_and_names_every_refusal(
+    open_store: Opener,
+) -> None:
+    store = await open_store(Limits(services_per_lease=3))
+    lease = await done(store.grant(1000, caller=ALICE))
+    await reg(store, "bobs", caller=BOB)
+    await reg(store, "held", lease=lease.id)
+    before = (store.revision, dict(store.services))
+    batch = [
+        Registration("x", {}, lease=lease.id),
+        Registration("bobs", {}, lease=lease.id),
+        Registration("y", {}, lease=lease.id),
+        Registration("z", {}, lease=lease.id),
+    ]
+    # bobs is another owner's; the lease holds 1 and may take 2 more, so z
+    # (the third new one) is past the limit: every entry after it counts.
+    with pytest.raises(AlreadyExists) as err:
+        await store.register_batch(batch, caller=ALICE)
+    assert str(err.value) == (
+        "2 of 4 entries refused, nothing registered: "
+        "services[1] 'bobs': bobs is registered by bob; "
+        "services[3] 'z': lease 1 holds 3 services, the limit"
+    )
+    assert (store.revision, dict(store.services)) == before
+    assert lease.services == {"held"}
+    # Each entry is checked as Register checks it, and names must be distinct.
+    with pytest.raises(InvalidArgument) as err:
+        await store.register_batch(
+            [
+                Registration("ok", {}, persist=True),
+                Registration("bad name", {}, persist=True),
+                Registration("ok", {}, persist=True),
+                Registration("neither", {}),
+            ],
+            caller=ALICE,
+        )
+    assert str(err.value).startswith("3 of 4 entries refused, nothing registered: services[1] ")
+    assert "services[2] 'ok': name: also services[0]" in str(err.value)
+    assert "services[3] 'neither': lease, persist" in str(err.value)
+    with pytest.raises(InvalidArgument, match="services: empty"):
+        await store.register_batch([], caller=ALICE)
+    many = [Registration(f"n{i}", {}, persist=True) for i in range(101)]
+    with pytest.raises(InvalidArgument, match="101 entries, more than 100"):
+        await store.register_batch(many, caller=ALICE)
+    unknown = [Registration(f"n{i}", {}, lease=99) for i in range(12)]
+    with pytest.raises(NotFound) as err:
+        await store.register_batch(unknown, caller=ALICE)
+    assert str(err.value).endswith("; and 2 more")
+    assert (store.revision, dict(store.services)) == before
+    await store.sync()
 
 
 async def test_refresh_all_leases_extends_deadlines(store: SQLiteStore, clock: Clock) -> None:

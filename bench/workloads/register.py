@@ -1,7 +1,9 @@
 """Registration throughput: services with 4 attributes, under leases of 100
 services each (etcd: put with the lease) and persistent (etcd: plain put), 1
-client and N concurrent on N connections. Every round starts on an empty
-server; the lease grants are not timed."""
+client and N concurrent on N connections; and in batches, as agents announce:
+A agents on A connections, each registering its B services under its own
+lease in one RegisterBatch (etcd: one Txn of B puts with the lease), all at
+once. Every round starts on an empty server; the lease grants are not timed."""
 
 from __future__ import annotations
 
@@ -50,6 +52,14 @@ def workload(sizes: Sizes) -> Workload:
             echo="echo.n",
         ),
     )
+    agents, per_agent = sizes.batch_agents, sizes.batch_size
+    rows += (
+        Row(
+            "register.batch",
+            f"register {agents * per_agent:,} leased, {agents} agents x {per_agent} in one call",
+            "ops/s",
+        ),
+    )
     per_lease = max(1, sizes.services // sizes.leases)
 
     def lease_of(leases: list[int], i: int) -> int:
@@ -78,7 +88,33 @@ def workload(sizes: Sizes) -> Workload:
                     await conns[0].revoke(lease)
             finally:
                 await close_all(conns)
+        out["register.batch"] = await batches(side)
         return out
+
+    async def batches(side: Side) -> float:
+        """Each agent on its own connection, with its own lease, registers
+        its services in one call (etcd: one Txn of puts), all at once."""
+        conns = await connections(side, agents)
+        try:
+            leases = [(await conn.grant(LEASE_TTL_S))[0] for conn in conns]
+            items = [
+                [
+                    (*service(a * per_agent + i, agents * per_agent, sizes.rstyx, "batch!"), lease)
+                    for i in range(per_agent)
+                ]
+                for a, lease in enumerate(leases)
+            ]
+
+            async def put(conn: Conn, batch: list[tuple[str, dict[str, str], int]]) -> None:
+                await conn.put_batch(batch)
+
+            # One batch per connection: spread gives connection i batch i.
+            took = await spread(conns, items, put)
+            for conn, lease in zip(conns, leases, strict=True):
+                await conn.revoke(lease)
+            return agents * per_agent / took
+        finally:
+            await close_all(conns)
 
     return Workload(
         "register", rows, measure, sides=REGISTRIES, reset_each_round=True, timeout=300.0

@@ -16,11 +16,11 @@ state, the interface is what each backend implements.
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Generic, NamedTuple, TypeVar
 
 from geryon.errors import GeryonError
-from geryon.model import Caller, Event, Lease, LeaseID, Revision, Service
+from geryon.model import Caller, Event, Lease, LeaseID, Registration, Revision, Service
 from geryon.store.state import Limits, State
 
 T = TypeVar("T")
@@ -68,6 +68,13 @@ class Store(State, abc.ABC):
         caller: Caller,
         create_only: bool = False,
     ) -> Written[Service]: ...
+
+    @abc.abstractmethod
+    async def register_batch(
+        self, batch: Sequence[Registration], *, caller: Caller
+    ) -> Written[list[Service]]:
+        """Register every entry of ``batch`` in one revision, or none (each
+        as ``register`` would, in order); the services as stored."""
 
     @abc.abstractmethod
     async def update(

@@ -62,6 +62,7 @@ from geryon.model import (
     EventType,
     Lease,
     LeaseID,
+    Registration,
     Revision,
     Service,
     validate_name,
@@ -73,6 +74,7 @@ from geryon.store.state import (
     STATE_ERRORS,
     Limits,
     State,
+    validate_batch,
     validate_expected,
     validate_register,
     validate_update,
@@ -779,6 +781,59 @@ class EtcdStore(Store):
                 self._put_landed(
                     name, prev.mod_revision if prev else 0, (attrs, lease, caller.name)
                 ),
+            )
+
+        return await self._transact(plan)
+
+    async def register_batch(
+        self, batch: Sequence[Registration], *, caller: Caller
+    ) -> Written[list[Service]]:
+        batch = validate_batch(batch)
+        owner = caller.name
+
+        def plan() -> _Plan:
+            checked = self.check_batch(batch, caller)
+            # One transaction: each entry fenced as Register fences it, each
+            # lease once (etcd bounds a transaction's operations).
+            fences = [
+                _same_mod(self.keys.service(r.name), prev.mod_revision if prev else 0)
+                for r, (prev, _) in zip(batch, checked, strict=True)
+            ]
+            fences += [_exists(self.keys.lease(lid)) for lid in {r.lease for r in batch} - {0}]
+            changed = [
+                (r, prev) for r, (prev, noop) in zip(batch, checked, strict=True) if not noop
+            ]
+
+            def result(rev: Revision) -> list[Service]:
+                out = []
+                for r, (prev, noop) in zip(batch, checked, strict=True):
+                    if noop:
+                        assert prev is not None
+                        out.append(prev)
+                    else:
+                        create = prev.create_revision if prev else rev
+                        out.append(Service(r.name, r.attrs, r.lease, owner, create, rev))
+                return out
+
+            checks = [
+                self._put_landed(
+                    r.name, prev.mod_revision if prev else 0, (r.attrs, r.lease, owner)
+                )
+                for r, prev in changed
+            ]
+
+            def landed(since: Revision) -> Written[list[Service]] | None:
+                found = [check(since) for check in checks]
+                if not found or any(w is None for w in found):
+                    return None
+                revision = found[0].revision  # type: ignore[union-attr]
+                return Written(result(revision), revision)
+
+            return _Plan(
+                fences,
+                [self._service_put(r.name, r.attrs, r.lease, owner) for r, _ in changed],
+                result,
+                landed if changed else None,
             )
 
         return await self._transact(plan)

@@ -28,7 +28,7 @@ import os
 import sqlite3
 import time
 import zlib
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +41,7 @@ from geryon.model import (
     EventType,
     Lease,
     LeaseID,
+    Registration,
     Revision,
     Service,
     validate_name,
@@ -49,6 +50,7 @@ from geryon.model import (
 from geryon.store.base import Store, Written
 from geryon.store.state import (
     Limits,
+    validate_batch,
     validate_expected,
     validate_register,
     validate_update,
@@ -605,6 +607,39 @@ class SQLiteStore(Store):
         event, op = self._put(new, prev)
         await wait(self._commit(revision, [event], [op]))
         return Written(new, revision)
+
+    async def register_batch(
+        self, batch: Sequence[Registration], *, caller: Caller
+    ) -> Written[list[Service]]:
+        batch = validate_batch(batch)
+        self._writable()
+        checked = self.check_batch(batch, caller)
+        if all(noop for _, noop in checked):
+            decided_at = await self.sync()
+            return Written([prev for prev, _ in checked], decided_at)  # type: ignore[misc]
+        revision = self._next_revision()
+        out: list[Service] = []
+        events: list[Event] = []
+        ops: list[Op] = []
+        for r, (prev, noop) in zip(batch, checked, strict=True):
+            if noop:
+                assert prev is not None
+                out.append(prev)
+                continue
+            new = Service(
+                r.name,
+                r.attrs,
+                r.lease,
+                caller.name,
+                prev.create_revision if prev else revision,
+                revision,
+            )
+            event, op = self._put(new, prev)
+            out.append(new)
+            events.append(event)
+            ops.append(op)
+        await wait(self._commit(revision, events, ops))
+        return Written(out, revision)
 
     async def update(
         self,

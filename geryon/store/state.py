@@ -14,8 +14,8 @@ write, the etcd backend as etcd's watch tells it what was committed.
 from __future__ import annotations
 
 import itertools
-from collections import deque
-from collections.abc import Iterable, Mapping
+from collections import Counter, deque
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from sortedcontainers import SortedList
@@ -23,6 +23,7 @@ from sortedcontainers import SortedList
 from geryon.errors import (
     AlreadyExists,
     FailedPrecondition,
+    GeryonError,
     InvalidArgument,
     NotFound,
     OutOfRange,
@@ -30,6 +31,7 @@ from geryon.errors import (
     ResourceExhausted,
 )
 from geryon.model import (
+    MAX_BATCH,
     WILDCARD,
     Caller,
     Event,
@@ -37,6 +39,7 @@ from geryon.model import (
     Filter,
     Lease,
     LeaseID,
+    Registration,
     Revision,
     Service,
     validate_attr_name,
@@ -52,6 +55,10 @@ class Limits:
     services_per_lease: int = 10_000
     history_events: int = 100_000
     history_age_s: float = 3600.0
+
+
+# How many refused entries a batch's error names before it only counts them.
+BATCH_NAMED = 10
 
 
 # Refusals that depend on what the state holds (not on the request alone): a
@@ -205,16 +212,17 @@ class State:
         lease: LeaseID,
         caller: Caller,
         create_only: bool,
+        adding: int = 0,
     ) -> tuple[Service | None, bool]:
         """May ``caller`` register ``name``? Return the entry it replaces (None
         when new) and whether the request changes nothing. ``attrs`` and the
-        lease/persist choice were validated by ``validate_register``."""
+        lease/persist choice were validated by ``validate_register``;
+        ``adding``: names the same batch adds to the lease before this one."""
         if lease:
             held = self.owned_lease(lease, caller)
-            if len(held.services) >= self.limits.services_per_lease and name not in held.services:
-                raise ResourceExhausted(
-                    f"lease {lease} holds {len(held.services)} services, the limit"
-                )
+            count = len(held.services) + adding
+            if count >= self.limits.services_per_lease and name not in held.services:
+                raise ResourceExhausted(f"lease {lease} holds {count} services, the limit")
         prev = self.services.get(name)
         if prev is not None and prev.owner != caller.name:
             raise AlreadyExists(f"{name} is registered by {prev.owner}")
@@ -224,6 +232,35 @@ class State:
             )
         noop = prev is not None and prev.attrs == attrs and prev.lease == lease
         return prev, noop
+
+    def check_batch(
+        self, batch: Sequence[Registration], caller: Caller
+    ) -> list[tuple[Service | None, bool]]:
+        """``check_register`` for every entry of a validated batch, as if
+        each before it were applied; refuse the whole batch, naming every
+        refused entry, when any is refused."""
+        out: list[tuple[Service | None, bool]] = []
+        refused: list[tuple[int, GeryonError]] = []
+        adding: Counter[LeaseID] = Counter()
+        for i, r in enumerate(batch):
+            try:
+                prev, noop = self.check_register(
+                    r.name,
+                    r.attrs,
+                    lease=r.lease,
+                    caller=caller,
+                    create_only=r.create_only,
+                    adding=adding[r.lease],
+                )
+            except GeryonError as exc:
+                refused.append((i, exc))
+                continue
+            if r.lease and r.name not in self.leases[r.lease].services:
+                adding[r.lease] += 1
+            out.append((prev, noop))
+        if refused:
+            raise batch_refused(batch, refused)
+        return out
 
     def check_update(
         self,
@@ -324,6 +361,43 @@ def validate_register(
     if lease < 0:
         raise InvalidArgument(f"lease: bad lease id {lease}")
     return attrs
+
+
+def validate_batch(batch: Sequence[Registration]) -> list[Registration]:
+    """Check a RegisterBatch request on its own: each entry as Register's,
+    and names distinct. Return the entries with their attributes checked."""
+    if not batch:
+        raise InvalidArgument("services: empty")
+    if len(batch) > MAX_BATCH:
+        raise InvalidArgument(f"services: {len(batch)} entries, more than {MAX_BATCH}")
+    out: list[Registration] = []
+    refused: list[tuple[int, GeryonError]] = []
+    first: dict[str, int] = {}
+    for i, r in enumerate(batch):
+        try:
+            attrs = validate_register(r.name, r.attrs, lease=r.lease, persist=r.persist)
+            if (j := first.setdefault(r.name, i)) != i:
+                raise InvalidArgument(f"name: also services[{j}]")
+        except GeryonError as exc:
+            refused.append((i, exc))
+            continue
+        out.append(r._replace(attrs=attrs))
+    if refused:
+        raise batch_refused(batch, refused)
+    return out
+
+
+def batch_refused(
+    batch: Sequence[Registration], refused: list[tuple[int, GeryonError]]
+) -> GeryonError:
+    """One error for a refused batch: the first refusal's kind, naming every
+    refused entry (the first BATCH_NAMED of them) by index and name."""
+    named = "; ".join(
+        f"services[{i}] {batch[i].name!r}: {exc.message}" for i, exc in refused[:BATCH_NAMED]
+    )
+    more = f"; and {len(refused) - BATCH_NAMED} more" if len(refused) > BATCH_NAMED else ""
+    counted = f"{len(refused)} of {len(batch)} entries refused, nothing registered"
+    return type(refused[0][1])(f"{counted}: {named}{more}")
 
 
 def validate_update(

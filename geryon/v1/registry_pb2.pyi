@@ -65,6 +65,22 @@ class RegisterResponse(_message.Message):
     service: Service
     def __init__(self, header: _Optional[_Union[ResponseHeader, _Mapping]] = ..., service: _Optional[_Union[Service, _Mapping]] = ...) -> None: ...
 
+class RegisterBatchRequest(_message.Message):
+    __slots__ = ("services",)
+    SERVICES_FIELD_NUMBER: _ClassVar[int]
+    services: _containers.RepeatedCompositeFieldContainer[RegisterRequest]
+    def __init__(self, services: _Optional[_Iterable[_Union[RegisterRequest, _Mapping]]] = ...) -> None: ...
+
+class RegisterBatchResponse(_message.Message):
+    __slots__ = ("header", "create_revisions", "mod_revisions")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    CREATE_REVISIONS_FIELD_NUMBER: _ClassVar[int]
+    MOD_REVISIONS_FIELD_NUMBER: _ClassVar[int]
+    header: ResponseHeader
+    create_revisions: _containers.RepeatedScalarFieldContainer[int]
+    mod_revisions: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, header: _Optional[_Union[ResponseHeader, _Mapping]] = ..., create_revisions: _Optional[_Iterable[int]] = ..., mod_revisions: _Optional[_Iterable[int]] = ...) -> None: ...
+
 class UpdateRequest(_message.Message):
     __slots__ = ("name", "set_attrs", "remove_attrs", "expected_mod_revision")
     class SetAttrsEntry(_message.Message):

@@ -40,6 +40,11 @@ class RegistryStub:
                 request_serializer=geryon_dot_v1_dot_registry__pb2.RegisterRequest.SerializeToString,
                 response_deserializer=geryon_dot_v1_dot_registry__pb2.RegisterResponse.FromString,
                 _registered_method=True)
+        self.RegisterBatch = channel.unary_unary(
+                '/geryon.v1.Registry/RegisterBatch',
+                request_serializer=geryon_dot_v1_dot_registry__pb2.RegisterBatchRequest.SerializeToString,
+                response_deserializer=geryon_dot_v1_dot_registry__pb2.RegisterBatchResponse.FromString,
+                _registered_method=True)
         self.Update = channel.unary_unary(
                 '/geryon.v1.Registry/Update',
                 request_serializer=geryon_dot_v1_dot_registry__pb2.UpdateRequest.SerializeToString,
@@ -97,6 +102,22 @@ class RegistryServicer:
         (an idempotent upsert, what a re-announcing process needs), unless
         create_only asks for FAILED_PRECONDITION instead; a name held by another
         owner is ALREADY_EXISTS.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RegisterBatch(self, request, context):
+        """RegisterBatch registers many services in one call: every one of them,
+        in one revision, or none. Each entry is checked as Register checks it
+        (and upserts as Register does); when any is refused, nothing changes and
+        the call fails with the status code of the first refused entry and a
+        message naming every refused entry (up to ten, then how many more) by
+        its index and name. Entries that change nothing make no event; a batch
+        in which none changes anything makes no revision. At most 100 entries
+        (etcd's default limit of operations in one transaction bounds a batch on
+        the etcd store), with distinct names; more is INVALID_ARGUMENT. Each
+        entry counts as one write against the caller's write quota.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -180,6 +201,11 @@ def add_RegistryServicer_to_server(servicer, server):
                     request_deserializer=geryon_dot_v1_dot_registry__pb2.RegisterRequest.FromString,
                     response_serializer=geryon_dot_v1_dot_registry__pb2.RegisterResponse.SerializeToString,
             ),
+            'RegisterBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.RegisterBatch,
+                    request_deserializer=geryon_dot_v1_dot_registry__pb2.RegisterBatchRequest.FromString,
+                    response_serializer=geryon_dot_v1_dot_registry__pb2.RegisterBatchResponse.SerializeToString,
+            ),
             'Update': grpc.unary_unary_rpc_method_handler(
                     servicer.Update,
                     request_deserializer=geryon_dot_v1_dot_registry__pb2.UpdateRequest.FromString,
@@ -254,6 +280,33 @@ class Registry:
             '/geryon.v1.Registry/Register',
             geryon_dot_v1_dot_registry__pb2.RegisterRequest.SerializeToString,
             geryon_dot_v1_dot_registry__pb2.RegisterResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RegisterBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/geryon.v1.Registry/RegisterBatch',
+            geryon_dot_v1_dot_registry__pb2.RegisterBatchRequest.SerializeToString,
+            geryon_dot_v1_dot_registry__pb2.RegisterBatchResponse.FromString,
             options,
             channel_credentials,
             insecure,

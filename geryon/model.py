@@ -26,6 +26,8 @@ MAX_NAME_BYTES = 255
 MAX_VALUE_BYTES = 1024
 MAX_ATTRS = 64
 ATTR_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
+# Attribute names already found good (validate_attrs' fast path).
+_GOOD_ATTRS: set[str] = set()
 WILDCARD = "*"
 
 # Characters that change how the text around them shows on a terminal, or
@@ -195,7 +197,12 @@ def validate_attrs(attrs: Mapping[str, str], field_name: str = "attrs") -> dict[
     if len(attrs) > MAX_ATTRS:
         raise InvalidArgument(f"{field_name}: more than {MAX_ATTRS} attributes")
     for attr, value in attrs.items():
+        # The common case, cheaply: a name seen before, a short ASCII value.
+        if attr in _GOOD_ATTRS and value.isascii() and len(value) <= MAX_VALUE_BYTES:
+            continue
         validate_attr_name(attr, field_name)
+        if len(_GOOD_ATTRS) < 4096:  # bounded: names are few, but callers choose them
+            _GOOD_ATTRS.add(attr)
         if len(_utf8(value, field_name, f"value of {attr!r}")) > MAX_VALUE_BYTES:
             raise InvalidArgument(
                 f"{field_name}: value of {attr!r} longer than {MAX_VALUE_BYTES} bytes"

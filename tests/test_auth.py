@@ -12,6 +12,7 @@ from conftest import Registry, eventually, run_cli
 
 from geryon import errors, tls
 from geryon.client import Client
+from geryon.model import Registration
 
 
 @pytest.fixture
@@ -198,6 +199,17 @@ async def test_flooding_client_is_exhausted_others_carry_on(start_registry) -> N
             await calm.register(f"tcp!calm!{i}", {"svc": "y"}, persist=True)
         assert len((await calm.find({"svc": "y"}))[0]) == 20
         assert len((await calm.find({"svc": "x"}))[0]) == 400 - len(refused)
+    # A batch spends one token per entry: the first of two takes the whole
+    # burst (100 at 50/s), the second would wait 2 s for its and is refused.
+    async with registry.client(user="batcher") as b:
+
+        def batch(k: int) -> list[Registration]:
+            return [Registration(f"tcp!b{k}!{i}", {}, persist=True) for i in range(100)]
+
+        results = await asyncio.gather(
+            b.register_batch(batch(0)), b.register_batch(batch(1)), return_exceptions=True
+        )
+        assert [type(r) for r in results].count(errors.ResourceExhausted) == 1, results
 
 
 async def test_denied_node_hears_its_lease_is_refused(start_registry, pki, tmp_path: Path) -> None:

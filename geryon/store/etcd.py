@@ -312,11 +312,10 @@ class EtcdStore(Store):
             except OutOfRange:
                 continue
         fresh.link_leases()
-        self.services, self.names, self.index, self.having, self.leases = (
+        self.services, self.names, self.index, self.leases = (
             fresh.services,
             fresh.names,
             fresh.index,
-            fresh.having,
             fresh.leases,
         )
         self._holders = holders

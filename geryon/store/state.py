@@ -105,9 +105,10 @@ class State:
         self.limits = limits or Limits()
         self.services: dict[str, Service] = {}
         self.names: SortedList = SortedList()
-        # attr -> value -> names, and attr -> names having it (for "*").
+        # attr -> value -> names. Those having an attribute at all (for "*")
+        # are the union of its values' sets, not a set of their own: that
+        # would cost as much again, a sixth of what an entry takes.
         self.index: dict[str, dict[str, set[str]]] = {}
-        self.having: dict[str, set[str]] = {}
         self.leases: dict[LeaseID, Lease] = {}
         # ``revision``: every change up to it is in this state (the SQLite
         # backend applies before it is durable); ``durable_revision``: every
@@ -130,28 +131,24 @@ class State:
         self.services[s.name] = s
         for attr, value in s.attrs.items():
             self.index.setdefault(attr, {}).setdefault(value, set()).add(s.name)
-            self.having.setdefault(attr, set()).add(s.name)
 
     def load_services(self, services: list[Service]) -> None:
         """Replace every service and the index by ``services`` (a store's
         load: index_add for each, in bulk)."""
         self.services = {s.name: s for s in services}
         self.names = SortedList(self.services)
-        self.index, self.having = {}, {}
-        index, having = self.index, self.having
+        self.index = index = {}
         for s in services:
             name = s.name
             for attr, value in s.attrs.items():
                 by_value = index.get(attr)
                 if by_value is None:
                     by_value = index[attr] = {}
-                    having[attr] = set()
                 names = by_value.get(value)
                 if names is None:
                     by_value[value] = {name}
                 else:
                     names.add(name)
-                having[attr].add(name)
 
     def index_remove(self, s: Service) -> None:
         del self.services[s.name]
@@ -164,10 +161,6 @@ class State:
                 del values[value]
                 if not values:
                     del self.index[attr]
-            having = self.having[attr]
-            having.discard(s.name)
-            if not having:
-                del self.having[attr]
 
     # ---- applying changes ---------------------------------------------------
 
@@ -208,14 +201,19 @@ class State:
         # Walk the smallest candidate set any term offers, so a Find costs
         # about what its answer costs, not a scan of every entry.
         candidates: Iterable[str] | None = None
+        size = 0
         for attr, want in flt.attrs.items():
-            names = (
-                self.having.get(attr) if want == WILDCARD else self.index.get(attr, {}).get(want)
-            )
-            if not names:
+            if want == WILDCARD:
+                values = self.index.get(attr, {}).values()
+                names: Iterable[str] = itertools.chain.from_iterable(values)
+                n = sum(map(len, values))
+            else:
+                names = self.index.get(attr, {}).get(want) or ()
+                n = len(names)  # type: ignore[arg-type]
+            if not n:
                 return []
-            if candidates is None or len(names) < len(candidates):  # type: ignore[arg-type]
-                candidates = names
+            if candidates is None or n < size:
+                candidates, size = names, n
         if candidates is None:
             if flt.prefix:
                 # Names with the prefix sort first from it on; no string bounds

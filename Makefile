@@ -45,6 +45,7 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.replica
 	$(BIN)/python -m bench.cpu
 	$(BIN)/python -m bench.flood
+	$(BIN)/python -m bench.scale
 
 lint: $(STAMP)
 	$(BIN)/ruff check geryon tests bench

@@ -61,6 +61,10 @@ class Service:
     owner: str = ""
     create_revision: Revision = 0
     mod_revision: Revision = 0
+    # Its form in a Watch snapshot, encoded once by convert.snapshot_response
+    # (an entry is immutable, and a snapshot of 100,000 would build each
+    # again): opaque bytes here, no part of what the entry is.
+    wire: bytes | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def persistent(self) -> bool:

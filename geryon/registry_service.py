@@ -20,7 +20,15 @@ from typing import Any, TypeVar
 
 import grpc
 
-from geryon.convert import RESUME_KEY, event_to_pb, header, pb, pb_grpc, service_to_pb
+from geryon.convert import (
+    RESUME_KEY,
+    event_to_pb,
+    header,
+    pb,
+    pb_grpc,
+    service_to_pb,
+    snapshot_response,
+)
 from geryon.errors import (
     GeryonError,
     InvalidArgument,
@@ -433,18 +441,7 @@ class RegistryService(pb_grpc.RegistryServicer):
             reader = asyncio.create_task(self._read_progress(request_iterator, progress, watcher))
             if snapshot is not None:
                 for i in range(0, len(snapshot), SNAPSHOT_CHUNK):
-                    yield pb.WatchResponse(
-                        header=header(revision),
-                        type=pb.WatchResponse.TYPE_SNAPSHOT,
-                        events=[
-                            pb.Event(
-                                type=pb.Event.TYPE_PUT,
-                                service=service_to_pb(s),
-                                revision=s.mod_revision,
-                            )
-                            for s in snapshot[i : i + SNAPSHOT_CHUNK]
-                        ],
-                    )
+                    yield snapshot_response(revision, snapshot[i : i + SNAPSHOT_CHUNK])
                 yield pb.WatchResponse(
                     header=header(revision),
                     type=pb.WatchResponse.TYPE_SNAPSHOT_COMPLETE,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -165,6 +166,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="drop history older than this (default 3600)",
     )
     p.add_argument(
+        "--history-bytes",
+        type=int,
+        default=64 << 20,
+        metavar="BYTES",
+        help="drop the oldest history past this size, counted as its events are "
+        "stored (default 67108864: 64 MiB)",
+    )
+    p.add_argument(
         "--watch-backlog",
         type=int,
         default=DEFAULT_BACKLOG,
@@ -205,6 +214,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         ("--etcd-compact-interval", args.etcd_compact_interval, 0),
         ("--history", args.history, 1),
         ("--history-age", args.history_age, 1),
+        ("--history-bytes", args.history_bytes, 1),
         ("--watch-backlog", args.watch_backlog, 1),
         ("--max-watches", args.max_watches, 1),
         ("--progress-interval", args.progress_interval, 0.1),
@@ -273,7 +283,11 @@ async def load_static(store: Store, path: Path) -> int:
 
 
 async def open_store(args: argparse.Namespace) -> Store:
-    limits = Limits(history_events=args.history, history_age_s=args.history_age)
+    limits = Limits(
+        history_events=args.history,
+        history_age_s=args.history_age,
+        history_bytes=args.history_bytes,
+    )
     if args.etcd:
         from geryon.store.etcd import EtcdStore
 
@@ -300,7 +314,16 @@ async def serve(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    store = await open_store(args)
+    # Loading builds an object or more per entry: the cyclic GC would walk
+    # all of them again and again as they pile up (a third of a 100,000-entry
+    # load), and after it at every full collection (a pause of its own at a
+    # million). None of them is garbage, so none is looked at: frozen.
+    gc.disable()
+    try:
+        store = await open_store(args)
+    finally:
+        gc.enable()
+    gc.freeze()
     hub = Hub(backlog=args.watch_backlog)
     store.on_commit.append(hub.publish)
     deny = credentials = None

@@ -156,3 +156,20 @@ def test_quick_flood_bench_prints_every_row() -> None:
     rows = [line.split() for line in r.stdout.splitlines() if re.match(r"\s+\d+\s+\d+", line)]
     assert [row[0] for row in rows] == ["0", "1", "0"], r.stdout  # alone around the flood
     assert rows[0][2] == rows[2][2] == "-" and float(rows[1][2].rstrip("x")) > 0
+
+
+@pytest.mark.timeout(120)
+def test_quick_scale_bench_prints_every_row() -> None:
+    """bench.scale --quick: one small size, a figure in every row."""
+    r = subprocess.run(
+        [sys.executable, "-m", "bench.scale", "--quick"],
+        cwd=ROOT, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=100,
+    )  # fmt: skip
+    assert r.returncode == 0, f"exit {r.returncode}\n{r.stdout}\n{r.stderr[-4000:]}"
+    lines = r.stdout.splitlines()
+    assert lines[0].split()[:4] == ["scale", "(SQLite", "store)", "unit"], r.stdout
+    labels = ["RSS after load", "until the first Get", "until Find answers", "CPU time",
+              "RSS after restart", "full Watch snapshot", "slowest idle Get/Find"]  # fmt: skip
+    for label in labels:
+        rows = [line for line in lines if label in line]
+        assert rows and re.search(r"\d+\.\d\d ", rows[0]), label

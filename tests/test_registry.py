@@ -356,6 +356,34 @@ async def test_compacted_history_is_out_of_range_and_client_relists(
         await watch.close()
 
 
+async def test_history_is_bounded_in_bytes(start_registry) -> None:
+    """Large entries: --history-bytes drops the oldest history by its size,
+    and what is held is replayed after a restart (read back from the store)."""
+    registry = start_registry(extra=["--history-bytes", "20000"])
+    big = {"v": "x" * 1000}
+    async with registry.client() as c:
+        revs = [(await c.register(f"tcp!b!{i}", big, persist=True)).mod_revision for i in range(40)]
+        async with grpc.aio.insecure_channel(registry.address) as ch:
+            stub = pb_grpc.RegistryStub(ch)
+
+            async def reqs():
+                yield pb.WatchRequest(create_request=pb.WatchCreateRequest(start_revision=1))
+
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                async for _ in stub.Watch(reqs()):
+                    pass
+        assert info.value.code() == grpc.StatusCode.OUT_OF_RANGE
+        oldest = int(dict(info.value.trailing_metadata())["geryon-resume-revision"])
+        assert revs[0] < oldest < revs[-1]
+        registry.restart()
+        watch = c.watch(start_revision=oldest)
+        got = await collect(
+            aiter(watch), lambda ms: any(e.service.name == "tcp!b!39" for e in events_of(ms))
+        )
+        assert [e.revision for e in events_of(got)] == [r for r in revs if r >= oldest]
+        await watch.close()
+
+
 async def test_stalled_watcher_is_cut_off(start_registry) -> None:
     registry = start_registry(extra=["--watch-backlog", "50"])
     # A watcher that never reads, on a connection with a small fixed window so

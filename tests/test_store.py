@@ -705,7 +705,9 @@ def state(store: SQLiteStore) -> dict[str, Any]:
         "durable": store.durable_revision,
         "next_lease": store.next_lease,
         "oldest": store.oldest_revision,
-        "history": [(r, ev) for r, ev, _ in store.history],
+        # Read back: a restarted store leaves its history in the database.
+        "history": store.history_since(store.oldest_revision),
+        "history_bytes": store.history_bytes,
     }
 
 
@@ -941,7 +943,7 @@ async def test_history_is_compacted_by_whole_revisions(open_store: Opener) -> No
     store.on_commit.append(lambda r, ev: log.__setitem__(r, ev))
 
     def check() -> None:
-        held = [(r, ev) for r, ev, _ in store.history]
+        held = store.history_since(store.oldest_revision)
         # Contiguous whole revisions from the oldest held to the newest.
         assert [r for r, _ in held] == list(range(store.oldest_revision, store.revision + 1))
         assert all(log[r] == ev for r, ev in held)
@@ -1001,6 +1003,31 @@ async def test_history_is_compacted_by_age(open_store: Opener, clock: Clock) -> 
     with pytest.raises(OutOfRange) as info:
         store.history_since(2)
     assert info.value.resume_revision == 3
+
+
+async def test_history_is_bounded_in_bytes(open_store: Opener) -> None:
+    """Maximum-size entries fill a window counted in events alone: the
+    byte bound drops them by their stored size, and counts the same after a
+    restart (which holds them only in the database)."""
+    limit = 20_000
+    store = await open_store(Limits(history_bytes=limit))
+    big = {f"a{i}": "x" * 1000 for i in range(4)}  # about 4 KB stored a PUT
+    for i in range(20):
+        await reg(store, f"s{i:02}", big)
+    held = store.history_since(store.oldest_revision)
+    sizes = list(store.history_sizes)
+    assert store.history_bytes == sum(sizes)
+    # Past the bound by at most the newest commit (trimmed before the next).
+    assert 0 < store.history_bytes - sizes[-1] <= limit < store.history_bytes + sizes[0]
+    assert store.oldest_revision > 1 and db_oldest_event(store) == store.oldest_revision
+    assert [r for r, _ in held] == list(range(store.oldest_revision, 21))
+    before = (store.oldest_revision, store.history_bytes, held)
+    await store.close()
+    store = await open_store(Limits(history_bytes=limit))
+    assert (store.oldest_revision, store.history_bytes) == before[:2]
+    assert store.history_since(store.oldest_revision) == before[2]
+    await reg(store, "s20", big)  # and trimming carries on after the restart
+    assert store.history_bytes - store.history_sizes[-1] <= limit
 
 
 async def test_history_since_without_compaction(store: SQLiteStore) -> None:
@@ -1524,7 +1551,7 @@ class StoreMachine(RuleBasedStateMachine):
         oldest = self.store.oldest_revision
         assert oldest >= self.oldest  # compaction never comes undone
         self.oldest = oldest
-        held = [(r, ev) for r, ev, _ in self.store.history]
+        held = self.store.history_since(oldest)
         assert held == [(r, ev) for r, ev in self.log if r >= oldest]
 
     @invariant()

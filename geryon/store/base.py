@@ -145,12 +145,15 @@ class Store(State, abc.ABC):
     @abc.abstractmethod
     async def close(self) -> None: ...
 
-    def publish(self, revision: Revision, events: tuple[Event, ...], ts: float) -> None:
-        """A durable revision (``ts``: its wall time): into the history
-        window, then to every subscriber."""
+    def publish(
+        self, revision: Revision, events: tuple[Event, ...], ts: float, size: int | None = None
+    ) -> None:
+        """A durable revision (``ts``: its wall time; ``size``: what its
+        events take stored, None to estimate): into the history window, then
+        to every subscriber."""
         self.durable_revision = revision
         if events:
-            self.record(revision, events, ts)
+            self.record(revision, events, ts, size)
             for notify in self.on_commit:
                 notify(revision, events)
 

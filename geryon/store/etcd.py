@@ -314,17 +314,15 @@ class EtcdStore(Store):
             except OutOfRange:
                 continue
         fresh.link_leases()
-        self.services, self.names, self.index, self.having, self.leases = (
+        self.services, self.names, self.index, self.leases = (
             fresh.services,
             fresh.names,
             fresh.index,
-            fresh.having,
             fresh.leases,
         )
         self._holders = holders
         self.revision = self.durable_revision = self._listed_at = at
-        self.history.clear()
-        self.history_events = 0
+        self.clear_history()
         self.oldest_revision = at + 1
 
     def _load(self, kv: epb.KeyValue, into: State, holders: dict[LeaseID, bytes]) -> None:
@@ -535,8 +533,7 @@ class EtcdStore(Store):
         # have dropped revisions after the list already.
         if self.oldest_revision == upto + 1:
             now = time.time()
-            self.history.extendleft((rev, events, now) for rev, events in reversed(held))
-            self.history_events += sum(len(events) for _, events in held)
+            self.prepend_history(held, now)
             self.oldest_revision = max(min(origin, upto + 1), self._compacted_at)
             self.forget_before(self.oldest_revision)
             self.trim_history(now=now)

@@ -26,6 +26,7 @@ import json
 import logging
 import os
 import sqlite3
+import sys
 import time
 import zlib
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
@@ -50,6 +51,7 @@ from geryon.model import (
 from geryon.store.base import Store, Written
 from geryon.store.state import (
     Limits,
+    Stored,
     validate_batch,
     validate_expected,
     validate_register,
@@ -97,7 +99,8 @@ class _Batch:
 
     future: asyncio.Future[None]
     ops: list[Op] = field(default_factory=list)
-    revisions: list[tuple[Revision, tuple[Event, ...], float]] = field(default_factory=list)
+    # (revision, events, wall time, their stored size)
+    revisions: list[tuple[Revision, tuple[Event, ...], float, int]] = field(default_factory=list)
     revision: Revision = 0
 
 
@@ -111,6 +114,52 @@ def _service_json(s: Service) -> str:
         [s.name, s.attrs, s.lease, s.owner, s.create_revision, s.mod_revision],
         separators=(",", ":"),
     )
+
+
+def service_row(s: Service) -> tuple[Any, ...]:
+    """A service as its ``services`` row, checksum last."""
+    row = (
+        s.name,
+        json.dumps(s.attrs, separators=(",", ":")),
+        s.lease,
+        s.owner,
+        s.create_revision,
+        s.mod_revision,
+    )
+    return (*row, row_crc(*row))
+
+
+def lease_row(lease_id: LeaseID, ttl_ms: int, owner: str) -> tuple[Any, ...]:
+    """A lease as its ``leases`` row, checksum last."""
+    return (lease_id, ttl_ms, owner, row_crc(lease_id, ttl_ms, owner))
+
+
+def event_row(revision: Revision, idx: int, e: Event, ts: float) -> tuple[Any, ...]:
+    """An event as its ``events`` row, checksum last."""
+    row = (
+        revision,
+        idx,
+        e.type.value,
+        _service_json(e.service),
+        _service_json(e.prev) if e.prev else None,
+        ts,
+    )
+    return (*row, row_crc(*row))
+
+
+def _stored_size(row: tuple[Any, ...]) -> int:
+    """An event row's size for the history's byte bound: its entries' JSON."""
+    return len(row[3]) + len(row[4] or "")
+
+
+def _interned_attrs(pairs: list[tuple[str, str]]) -> dict[str, str]:
+    """Stored attributes, each name and value one object however many
+    entries share it (json.loads makes a copy per entry); sys.intern refuses
+    anything but text."""
+    return {sys.intern(k): sys.intern(v) for k, v in pairs}
+
+
+_ATTRS = json.JSONDecoder(object_pairs_hook=_interned_attrs)
 
 
 def _attrs(value: object) -> dict[str, str]:
@@ -220,6 +269,8 @@ class SQLiteStore(Store):
         # until it is put back to what the database holds.
         self._stale = False
         self._lock: IO[str] | None = None
+        # The event loop's own connection, for reading back stored history.
+        self._reader: sqlite3.Connection | None = None
 
     def describe(self) -> str:
         return f"data {self.path.parent}"
@@ -305,16 +356,35 @@ class SQLiteStore(Store):
             _check(row_crc(*row) == crc, f"lease {row[0]}: checksum does not match")
             leases.append(tuple(row))
         services, newest = [], 0
+        leases_seen: dict[int, int] = {}  # one int object per lease, not per entry
         for *row, crc in db.execute(
             "SELECT name, attrs, lease, owner, create_revision, mod_revision, crc FROM services"
         ):
-            _check(row_crc(*row) == crc, f"service {row[0]!r}: checksum does not match")
+            name, attrs, lease, owner, create, mod = row
+            # row_crc's text, spelled out: this loop runs once per entry.
+            if (
+                zlib.crc32(f"{name}\x1f{attrs}\x1f{lease}\x1f{owner}\x1f{create}\x1f{mod}".encode())
+                != crc
+            ):
+                raise Damaged(f"service {name!r}: checksum does not match")
             try:
-                s = _service(row[0], json.loads(row[1]), *row[2:])
-            except ValueError as exc:
-                raise Damaged(f"service {row[0]!r}: {exc}") from None
+                if type(name) is not str or not type(lease) is type(create) is type(mod) is int:
+                    raise ValueError("a column is not of its type")
+                attrs = _ATTRS.decode(attrs)
+                if type(attrs) is not dict:
+                    raise ValueError("attributes are not a map of strings")
+                s = Service(
+                    name,
+                    attrs,
+                    leases_seen.setdefault(lease, lease),
+                    sys.intern(owner),
+                    mod if create == mod else create,
+                    mod,
+                )
+            except (ValueError, TypeError) as exc:  # TypeError: a non-text attribute
+                raise Damaged(f"service {name!r}: {_cause(exc)}") from None
             services.append(s)
-            newest = max(newest, s.mod_revision)
+            newest = max(newest, mod)
         (last_event,) = db.execute("SELECT max(revision) FROM events").fetchone()
         revision = meta.get("revision", 0)
         # The revision never goes back: not below a change the store holds,
@@ -334,16 +404,14 @@ class SQLiteStore(Store):
         deadlines and holders; the others (at start: all) get a fresh TTL."""
         now = time.monotonic()
         old = self.leases
-        self.services, self.index, self.having, self.leases = {}, {}, {}, {}
-        self.names.clear()
+        self.leases = {}
         for lid, ttl_ms, owner in durable.leases:
             prev = old.get(lid)
             lease = Lease(lid, ttl_ms, owner, now + ttl_ms / 1000)
             if prev is not None:
                 lease.deadline, lease.holder = prev.deadline, prev.holder
             self.leases[lid] = lease
-        for s in durable.services:
-            self.index_add(s)
+        self.load_services(durable.services)
         self.link_leases()
         self._rebuild_deadlines()
         self.revision = self.durable_revision = durable.revision
@@ -351,21 +419,46 @@ class SQLiteStore(Store):
         self.oldest_revision = max(self.oldest_revision, durable.oldest)
 
     def _load_history(self, db: sqlite3.Connection) -> None:
-        current: list[Event] = []
-        current_rev, current_ts = 0, 0.0
+        """The history window, each row's checksum checked, its events left
+        in the database (``Stored``): decoding them all would make every
+        start pay for what only a watch resuming from before it needs."""
+        rev, count, size, at = 0, 0, 0, 0.0
         for *row, crc in db.execute(
             "SELECT revision, idx, type, service, prev, ts, crc FROM events "
             "WHERE revision >= ? ORDER BY revision, idx",
             (self.oldest_revision,),
         ):
-            rev, idx, typ, svc, prev, ts = row
-            _check(row_crc(*row) == crc, f"event {rev}.{idx}: checksum does not match")
-            if rev != current_rev and current:
-                self.record(current_rev, tuple(current), current_ts)
-                current = []
-            current_rev, current_ts = rev, ts
-            try:
-                current.append(
+            rev_, idx, typ, svc, prev, ts = row
+            if zlib.crc32(f"{rev_}\x1f{idx}\x1f{typ}\x1f{svc}\x1f{prev}\x1f{ts}".encode()) != crc:
+                raise Damaged(f"event {rev_}.{idx}: checksum does not match")
+            if row[0] != rev:
+                if count:
+                    self.record(rev, Stored.of(count), at, size)
+                rev, count, size, at = row[0], 0, 0, row[5]
+            count += 1
+            size += _stored_size(row)
+        if count:
+            self.record(rev, Stored.of(count), at, size)
+
+    def resolve(
+        self, held: list[tuple[Revision, tuple[Event, ...] | Stored]]
+    ) -> list[tuple[Revision, tuple[Event, ...]]]:
+        """Read back the events the history holds as ``Stored`` (from before
+        this start), on the event loop's own connection: a watch resuming
+        from before the start waits for them as it would for their replay."""
+        stored = [rev for rev, events in held if isinstance(events, Stored)]
+        if not stored:
+            return held  # type: ignore[return-value]
+        if self._reader is None:
+            self._reader = sqlite3.connect(self.path, isolation_level=None)
+        found: dict[Revision, list[Event]] = {}
+        try:
+            for rev, typ, svc, prev in self._reader.execute(
+                "SELECT revision, type, service, prev FROM events "
+                "WHERE revision BETWEEN ? AND ? ORDER BY revision, idx",
+                (stored[0], stored[-1]),
+            ):
+                found.setdefault(rev, []).append(
                     Event(
                         EventType(typ),
                         _service_from_json(svc),
@@ -373,10 +466,19 @@ class SQLiteStore(Store):
                         rev,
                     )
                 )
-            except ValueError as exc:
-                raise Damaged(f"event {rev}.{idx}: {exc}") from None
-        if current:
-            self.record(current_rev, tuple(current), current_ts)
+        except (ValueError, sqlite3.Error) as exc:
+            # Checked at start, so written behind our back since.
+            log.error("store: %s: the history cannot be read: %s", self.path, _cause(exc))
+            raise Unavailable(f"registryd: the history cannot be read: {_cause(exc)}") from None
+        out = []
+        for rev, events in held:
+            if isinstance(events, Stored):
+                got = tuple(found.get(rev, ()))
+                if len(got) != events.count:
+                    raise Unavailable(f"registryd: revision {rev} is missing from the history")
+                events = got
+            out.append((rev, events))
+        return out
 
     async def close(self) -> None:
         """Flush what is pending and close the database."""
@@ -390,6 +492,9 @@ class SQLiteStore(Store):
             except asyncio.CancelledError:
                 pass
             self._committer = None
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
         if self._db is not None:
             db, self._db = self._db, None
             await asyncio.get_running_loop().run_in_executor(self._writer, db.close)
@@ -410,7 +515,7 @@ class SQLiteStore(Store):
         return Unavailable(f"registryd: the store cannot write: {self._failed}")
 
     def _enqueue(
-        self, ops: list[Op], events: tuple[Event, ...] = (), revision: Revision = 0
+        self, ops: list[Op], events: tuple[Event, ...] = (), revision: Revision = 0, size: int = 0
     ) -> asyncio.Future[None]:
         if self._batch is None:
             self._batch = _Batch(asyncio.get_running_loop().create_future())
@@ -418,7 +523,7 @@ class SQLiteStore(Store):
         batch = self._batch
         batch.ops.extend(ops)
         if events:
-            batch.revisions.append((revision, events, time.time()))
+            batch.revisions.append((revision, events, time.time(), size))
             batch.revision = revision
         return batch.future
 
@@ -461,8 +566,8 @@ class SQLiteStore(Store):
                 if self.commit_latency is not None:
                     self.commit_latency(time.perf_counter() - started)
                 self._inflight = None
-                for revision, events, ts in batch.revisions:
-                    self.publish(revision, events, ts)
+                for revision, events, ts, size in batch.revisions:
+                    self.publish(revision, events, ts, size)
                 batch.future.set_result(None)
 
     def _fail(self, batch: _Batch, cause: str) -> None:
@@ -548,15 +653,7 @@ class SQLiteStore(Store):
         return self.revision
 
     def _put(self, new: Service, prev: Service | None) -> tuple[Event, Op]:
-        row = (
-            new.name,
-            json.dumps(new.attrs, separators=(",", ":")),
-            new.lease,
-            new.owner,
-            new.create_revision,
-            new.mod_revision,
-        )
-        op = ("INSERT OR REPLACE INTO services VALUES (?, ?, ?, ?, ?, ?, ?)", (*row, row_crc(*row)))
+        op = ("INSERT OR REPLACE INTO services VALUES (?, ?, ?, ?, ?, ?, ?)", service_row(new))
         return self.put(new, prev), op
 
     def _delete(self, s: Service, revision: Revision) -> tuple[Event, Op]:
@@ -566,18 +663,12 @@ class SQLiteStore(Store):
     def _commit(
         self, revision: Revision, events: list[Event], ops: list[Op]
     ) -> asyncio.Future[None]:
-        now = time.time()
+        now, size = time.time(), 0
         for i, e in enumerate(events):
-            row = (
-                revision,
-                i,
-                e.type.value,
-                _service_json(e.service),
-                _service_json(e.prev) if e.prev else None,
-                now,
-            )
-            ops.append(("INSERT INTO events VALUES (?, ?, ?, ?, ?, ?, ?)", (*row, row_crc(*row))))
-        return self._enqueue(ops, tuple(events), revision)
+            row = event_row(revision, i, e, now)
+            size += _stored_size(row)
+            ops.append(("INSERT INTO events VALUES (?, ?, ?, ?, ?, ?, ?)", row))
+        return self._enqueue(ops, tuple(events), revision, size)
 
     async def register(
         self,
@@ -685,8 +776,7 @@ class SQLiteStore(Store):
         self.next_lease += 1
         self.leases[lease.id] = lease
         heapq.heappush(self._deadlines, (lease.deadline, lease.id))
-        row = (lease.id, ttl_ms, caller.name)
-        op = ("INSERT INTO leases VALUES (?, ?, ?, ?)", (*row, row_crc(*row)))
+        op = ("INSERT INTO leases VALUES (?, ?, ?, ?)", lease_row(lease.id, ttl_ms, caller.name))
         decided_at = self.revision
         await wait(self._enqueue([op]))
         return Written(lease, decided_at)

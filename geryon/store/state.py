@@ -55,6 +55,45 @@ class Limits:
     services_per_lease: int = 10_000
     history_events: int = 100_000
     history_age_s: float = 3600.0
+    # The history's size, counted as its events take stored (``events_size``):
+    # a count alone lets maximum-size entries (64 attributes of 1 KiB) fill
+    # gigabytes within it.
+    history_bytes: int = 64 << 20
+
+
+class Stored:
+    """A durable revision's events that the backend keeps and memory does
+    not (a restarted SQLite store's history): ``State.resolve`` reads them
+    back when a watch resumes from them. Only their count is held."""
+
+    __slots__ = ("count",)
+    _shared: dict[int, Stored] = {}
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __repr__(self) -> str:
+        return f"Stored({self.count})"
+
+    @classmethod
+    def of(cls, count: int) -> Stored:
+        """One instance per count: a window holds 100,000 of them."""
+        got = cls._shared.get(count)
+        if got is None:
+            got = cls._shared[count] = cls(count)
+        return got
+
+
+def _entry_size(s: Service) -> int:
+    return 64 + len(s.name) + len(s.owner) + sum(len(k) + len(v) + 6 for k, v in s.attrs.items())
+
+
+def events_size(events: Iterable[Event]) -> int:
+    """About what events take stored (their entries as JSON), in bytes."""
+    return sum(_entry_size(e.service) + (_entry_size(e.prev) if e.prev else 0) for e in events)
 
 
 # How many refused entries a batch's error names before it only counts them.
@@ -73,19 +112,23 @@ class State:
         self.limits = limits or Limits()
         self.services: dict[str, Service] = {}
         self.names: SortedList = SortedList()
-        # attr -> value -> names, and attr -> names having it (for "*").
+        # attr -> value -> names. Those having an attribute at all (for "*")
+        # are the union of its values' sets, not a set of their own: that
+        # would cost as much again, a sixth of what an entry takes.
         self.index: dict[str, dict[str, set[str]]] = {}
-        self.having: dict[str, set[str]] = {}
         self.leases: dict[LeaseID, Lease] = {}
         # ``revision``: every change up to it is in this state (the SQLite
         # backend applies before it is durable); ``durable_revision``: every
         # change up to it is durable and was handed to watchers.
         self.revision: Revision = 0
         self.durable_revision: Revision = 0
-        # (revision, events, wall time) for every durable revision still held.
-        self.history: deque[tuple[Revision, tuple[Event, ...], float]] = deque()
+        # (revision, events, wall time) for every durable revision still held,
+        # and beside it each one's size (``events_size``).
+        self.history: deque[tuple[Revision, tuple[Event, ...] | Stored, float]] = deque()
+        self.history_sizes: deque[int] = deque()
         self.oldest_revision: Revision = 1
         self.history_events = 0  # events held in self.history
+        self.history_bytes = 0  # their sizes
 
     # ---- the index ----------------------------------------------------------
 
@@ -95,7 +138,24 @@ class State:
         self.services[s.name] = s
         for attr, value in s.attrs.items():
             self.index.setdefault(attr, {}).setdefault(value, set()).add(s.name)
-            self.having.setdefault(attr, set()).add(s.name)
+
+    def load_services(self, services: list[Service]) -> None:
+        """Replace every service and the index by ``services`` (a store's
+        load: index_add for each, in bulk)."""
+        self.services = {s.name: s for s in services}
+        self.names = SortedList(self.services)
+        self.index = index = {}
+        for s in services:
+            name = s.name
+            for attr, value in s.attrs.items():
+                by_value = index.get(attr)
+                if by_value is None:
+                    by_value = index[attr] = {}
+                names = by_value.get(value)
+                if names is None:
+                    by_value[value] = {name}
+                else:
+                    names.add(name)
 
     def index_remove(self, s: Service) -> None:
         del self.services[s.name]
@@ -108,10 +168,6 @@ class State:
                 del values[value]
                 if not values:
                     del self.index[attr]
-            having = self.having[attr]
-            having.discard(s.name)
-            if not having:
-                del self.having[attr]
 
     # ---- applying changes ---------------------------------------------------
 
@@ -152,14 +208,19 @@ class State:
         # Walk the smallest candidate set any term offers, so a Find costs
         # about what its answer costs, not a scan of every entry.
         candidates: Iterable[str] | None = None
+        size = 0
         for attr, want in flt.attrs.items():
-            names = (
-                self.having.get(attr) if want == WILDCARD else self.index.get(attr, {}).get(want)
-            )
-            if not names:
+            if want == WILDCARD:
+                values = self.index.get(attr, {}).values()
+                names: Iterable[str] = itertools.chain.from_iterable(values)
+                n = sum(map(len, values))
+            else:
+                names = self.index.get(attr, {}).get(want) or ()
+                n = len(names)  # type: ignore[arg-type]
+            if not n:
                 return []
-            if candidates is None or len(names) < len(candidates):  # type: ignore[arg-type]
-                candidates = names
+            if candidates is None or n < size:
+                candidates, size = names, n
         if candidates is None:
             if flt.prefix:
                 # Names with the prefix sort first from it on; no string bounds
@@ -296,23 +357,50 @@ class State:
 
     # ---- history ------------------------------------------------------------
 
-    def record(self, revision: Revision, events: tuple[Event, ...], ts: float) -> None:
-        """Hold a durable revision's events in the history window."""
+    def record(
+        self,
+        revision: Revision,
+        events: tuple[Event, ...] | Stored,
+        ts: float,
+        size: int | None = None,
+    ) -> None:
+        """Hold a durable revision's events in the history window; ``size``
+        is what they take stored (None: ``events_size``)."""
+        if size is None:
+            assert isinstance(events, tuple)
+            size = events_size(events)
         self.history.append((revision, events, ts))
+        self.history_sizes.append(size)
         self.history_events += len(events)
+        self.history_bytes += size
+
+    def prepend_history(self, held: list[tuple[Revision, tuple[Event, ...]]], ts: float) -> None:
+        """Put older revisions before those held (the etcd store's replay)."""
+        self.history.extendleft((rev, events, ts) for rev, events in reversed(held))
+        sizes = [events_size(events) for _, events in held]
+        self.history_sizes.extendleft(reversed(sizes))
+        self.history_events += sum(len(events) for _, events in held)
+        self.history_bytes += sum(sizes)
+
+    def clear_history(self) -> None:
+        self.history.clear()
+        self.history_sizes.clear()
+        self.history_events = self.history_bytes = 0
 
     def history_bound(self, *, now: float) -> Revision:
-        """The oldest revision the window's count and age bounds keep (one
-        past the newest held when they keep none of it)."""
+        """The oldest revision the window's count, size and age bounds keep
+        (one past the newest held when they keep none of it)."""
         limit, oldest_ts = self.limits.history_events, now - self.limits.history_age_s
-        events = self.history_events
+        byte_limit = self.limits.history_bytes
+        events, size = self.history_events, self.history_bytes
         bound = self.oldest_revision
-        for rev, held, ts in self.history:
-            if events <= limit and ts >= oldest_ts:
+        for (rev, held, ts), held_size in zip(self.history, self.history_sizes, strict=True):
+            if events <= limit and size <= byte_limit and ts >= oldest_ts:
                 # Not ``rev``: revisions between hold no events (the etcd
                 # store's have gaps) but can still be resumed from.
                 return bound
             events -= len(held)
+            size -= held_size
             bound = rev + 1
         return bound
 
@@ -331,6 +419,7 @@ class State:
         while self.history and self.history[0][0] < revision:
             _, events, _ = self.history.popleft()
             self.history_events -= len(events)
+            self.history_bytes -= self.history_sizes.popleft()
         self.oldest_revision = max(self.oldest_revision, revision)
 
     def history_since(self, start: Revision) -> list[tuple[Revision, tuple[Event, ...]]]:
@@ -347,7 +436,14 @@ class State:
                 break
             out.append((rev, events))
         out.reverse()
-        return out
+        return self.resolve(out)
+
+    def resolve(
+        self, held: list[tuple[Revision, tuple[Event, ...] | Stored]]
+    ) -> list[tuple[Revision, tuple[Event, ...]]]:
+        """``held`` with every ``Stored`` read back (a backend that makes
+        them says how)."""
+        return held  # type: ignore[return-value]
 
 
 def validate_register(

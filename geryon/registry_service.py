@@ -155,8 +155,11 @@ class RegistryService(pb_grpc.RegistryServicer):
         wait = self.writes.take(who, what, max_wait=QUOTA_WAIT_S, cost=cost)
         if wait:
             await asyncio.sleep(wait)
-        async with self.fair.turn(who, what):
+        flow = self.fair.enter(who) or await self.fair.wait(who, what)
+        try:
             written = await write()
+        finally:
+            self.fair.done(who, flow)
         # DEBUG, not INFO: at thousands of writes a second the log line would
         # cost more than the write's own work.
         log.debug("registryd: %s %s by %s %s", what, target, caller.role, caller.name)

@@ -22,6 +22,7 @@ import grpc
 
 from geryon.convert import (
     RESUME_KEY,
+    attrs_from_pb,
     event_to_pb,
     header,
     pb,
@@ -182,7 +183,7 @@ class RegistryService(pb_grpc.RegistryServicer):
                 request.name,
                 lambda: self.store.register(
                     request.name,
-                    request.attrs,
+                    attrs_from_pb(request.attrs),
                     lease=request.lease,
                     persist=request.persist,
                     caller=caller,
@@ -203,7 +204,7 @@ class RegistryService(pb_grpc.RegistryServicer):
                     f"{caller.role} {caller.name} may not create persistent entries"
                 )
             batch = [
-                Registration(r.name, r.attrs, r.lease, r.persist, r.create_only)
+                Registration(r.name, attrs_from_pb(r.attrs), r.lease, r.persist, r.create_only)
                 for r in request.services
             ]
             services, revision = await self._mutated(
@@ -230,7 +231,7 @@ class RegistryService(pb_grpc.RegistryServicer):
                 request.name,
                 lambda: self.store.update(
                     request.name,
-                    request.set_attrs,
+                    attrs_from_pb(request.set_attrs),
                     request.remove_attrs,
                     expected_mod_revision=request.expected_mod_revision,
                     caller=caller,

@@ -35,6 +35,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
+import orjson
+
 from geryon.errors import FailedPrecondition, Unavailable
 from geryon.model import (
     Caller,
@@ -109,18 +111,21 @@ def row_crc(*columns: object) -> int:
     return zlib.crc32("\x1f".join(map(str, columns)).encode())
 
 
+def _json(value: object) -> str:
+    """Compact JSON, by orjson: json.dumps cost 8 us a row, a fifth of a
+    registration's time in a batch. json.loads reads it back."""
+    return orjson.dumps(value).decode()
+
+
 def _service_json(s: Service) -> str:
-    return json.dumps(
-        [s.name, s.attrs, s.lease, s.owner, s.create_revision, s.mod_revision],
-        separators=(",", ":"),
-    )
+    return _json([s.name, s.attrs, s.lease, s.owner, s.create_revision, s.mod_revision])
 
 
 def service_row(s: Service) -> tuple[Any, ...]:
     """A service as its ``services`` row, checksum last."""
     row = (
         s.name,
-        json.dumps(s.attrs, separators=(",", ":")),
+        _json(s.attrs),
         s.lease,
         s.owner,
         s.create_revision,

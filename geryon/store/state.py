@@ -136,26 +136,29 @@ class State:
         if s.name not in self.services:
             self.names.add(s.name)
         self.services[s.name] = s
-        for attr, value in s.attrs.items():
-            self.index.setdefault(attr, {}).setdefault(value, set()).add(s.name)
+        self._index_attrs(s)
 
     def load_services(self, services: list[Service]) -> None:
         """Replace every service and the index by ``services`` (a store's
         load: index_add for each, in bulk)."""
         self.services = {s.name: s for s in services}
         self.names = SortedList(self.services)
-        self.index = index = {}
+        self.index = {}
         for s in services:
-            name = s.name
-            for attr, value in s.attrs.items():
-                by_value = index.get(attr)
-                if by_value is None:
-                    by_value = index[attr] = {}
-                names = by_value.get(value)
-                if names is None:
-                    by_value[value] = {name}
-                else:
-                    names.add(name)
+            self._index_attrs(s)
+
+    def _index_attrs(self, s: Service) -> None:
+        index, name = self.index, s.name
+        # get, not setdefault: no empty dict and set built per attribute.
+        for attr, value in s.attrs.items():
+            by_value = index.get(attr)
+            if by_value is None:
+                by_value = index[attr] = {}
+            names = by_value.get(value)
+            if names is None:
+                by_value[value] = {name}
+            else:
+                names.add(name)
 
     def index_remove(self, s: Service) -> None:
         del self.services[s.name]

@@ -271,7 +271,10 @@ class Announcer:
         """Register ``names`` in one RegisterBatch. The batch is all or
         nothing: when it is refused, register them one by one, so each
         refusal is its own and the others still get in."""
-        wants = {name: self.desired[name] for name in names}
+        # Read now, not when the batch was planned: desired may have changed.
+        wants = {n: want for n in names if (want := self.desired.get(n)) is not None}
+        if not wants:
+            return
         async with limit:
             try:
                 await self.client.register_batch(
@@ -285,7 +288,7 @@ class Announcer:
             else:
                 refused = False
         if refused:
-            await asyncio.gather(*(self._apply(name, lease, limit) for name in names))
+            await asyncio.gather(*(self._apply(name, lease, limit) for name in wants))
             return
         for name, want in wants.items():
             self.actual[name] = want

@@ -69,6 +69,16 @@ class FairQueue:
     async def turn(self, who: str, what: str) -> AsyncIterator[None]:
         """Hold one place in service for ``who``'s write (``what``, for the
         refusal's words). A write refused here has spent its quota token."""
+        flow = self.enter(who) or await self.wait(who, what)
+        try:
+            yield
+        finally:
+            self.done(who, flow)
+
+    # enter, wait and done are turn() unrolled, for the registry's every
+    # write: a generator-based context manager costs more than the rest.
+    def enter(self, who: str) -> _Flow | None:
+        """Take ``who``'s place in service at once, or None: it must wait()."""
         now = time.monotonic()
         flow = self.flows.get(who)
         if flow is None:
@@ -77,17 +87,19 @@ class FairQueue:
             if len(self.flows) > 1:  # sparse, beside others: protect it
                 self._sparse_until = now + SPARSE_FOR_S
                 self._start()
-            flow.in_service += 1
         elif flow.waiting or self.pacing(now):
-            await self._wait(who, flow, what)  # counted in service once admitted
-        else:
-            flow.in_service += 1
-        try:
-            yield
-        finally:
-            self._done(who, flow)
+            return None
+        flow.in_service += 1
+        return flow
 
-    def _done(self, who: str, flow: _Flow) -> None:
+    async def wait(self, who: str, what: str) -> _Flow:
+        """Wait for ``who``'s turn (enter() said it must); its place once admitted."""
+        flow = self.flows[who]
+        await self._wait(who, flow, what)  # counted in service once admitted
+        return flow
+
+    def done(self, who: str, flow: _Flow) -> None:
+        """Give back a place that enter() or wait() gave."""
         flow.in_service -= 1
         self._forget_if_idle(who, flow)
 
@@ -107,7 +119,7 @@ class FairQueue:
             await admitted
         except asyncio.CancelledError:
             if not admitted.cancelled():  # admitted the moment its caller went
-                self._done(who, flow)
+                self.done(who, flow)
                 raise
             # The pacer may have passed over it already (it was cancelled a
             # step before this runs).

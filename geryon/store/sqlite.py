@@ -104,11 +104,12 @@ def row_crc(*columns: object) -> int:
     return zlib.crc32("\x1f".join(map(str, columns)).encode())
 
 
+# json.dumps with any argument builds a new encoder at every call.
+_compact_json = json.JSONEncoder(separators=(",", ":")).encode
+
+
 def _service_json(s: Service) -> str:
-    return json.dumps(
-        [s.name, s.attrs, s.lease, s.owner, s.create_revision, s.mod_revision],
-        separators=(",", ":"),
-    )
+    return _compact_json([s.name, s.attrs, s.lease, s.owner, s.create_revision, s.mod_revision])
 
 
 def _attrs(value: object) -> dict[str, str]:
@@ -208,10 +209,10 @@ class SQLiteStore(Store):
         self._deadlines: list[tuple[float, LeaseID]] = []
         self._batch: _Batch | None = None
         self._inflight: _Batch | None = None
-        self._kick = asyncio.Event()
+        self._loop = asyncio.get_running_loop()
         self._db: sqlite3.Connection | None = None
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="geryon-store")
-        self._committer: asyncio.Task[None] | None = None
+        self._recovery: asyncio.Task[None] | None = None
         # Why the last commit failed; writes are refused until one succeeds.
         self._failed: str | None = None
         # Memory holds writes that never became durable: reads are refused
@@ -234,7 +235,6 @@ class SQLiteStore(Store):
             if store._lock is not None:
                 store._lock.close()
             raise
-        store._committer = asyncio.create_task(store._commit_loop(), name="store-committer")
         return store
 
     def _load(self) -> None:
@@ -378,16 +378,14 @@ class SQLiteStore(Store):
 
     async def close(self) -> None:
         """Flush what is pending and close the database."""
-        if self._committer is not None:
-            with contextlib.suppress(Unavailable):  # a failed store: nothing to flush
-                while self._batch is not None or self._inflight is not None:
-                    await self.sync()
-            self._committer.cancel()
-            try:
-                await self._committer
-            except asyncio.CancelledError:
-                pass
-            self._committer = None
+        with contextlib.suppress(Unavailable):  # a failed store: nothing to flush
+            while self._batch is not None or self._inflight is not None:
+                await self.sync()
+        if self._recovery is not None:
+            self._recovery.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._recovery
+            self._recovery = None
         if self._db is not None:
             db, self._db = self._db, None
             await asyncio.get_running_loop().run_in_executor(self._writer, db.close)
@@ -411,8 +409,9 @@ class SQLiteStore(Store):
         self, ops: list[Op], events: tuple[Event, ...] = (), revision: Revision = 0
     ) -> asyncio.Future[None]:
         if self._batch is None:
-            self._batch = _Batch(asyncio.get_running_loop().create_future())
-            self._kick.set()
+            self._batch = _Batch(self._loop.create_future())
+            # Next turn of the loop: the writes of this one share the batch.
+            self._loop.call_soon(self._flush)
         batch = self._batch
         batch.ops.extend(ops)
         if events:
@@ -435,33 +434,40 @@ class SQLiteStore(Store):
             await wait(pending.future)
         return revision
 
-    async def _commit_loop(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            await self._kick.wait()
-            self._kick.clear()
-            while self._batch is not None:
-                batch, self._batch = self._batch, None
-                self._inflight = batch
-                self._compact(batch)
-                started = time.perf_counter()
-                try:
-                    await loop.run_in_executor(
-                        self._writer,
-                        self._write,
-                        batch.ops,
-                        batch.revision or self.durable_revision,
-                    )
-                except Exception as exc:  # disk full, read-only, damaged: until it heals
-                    self._fail(batch, _cause(exc))
-                    await self._recover()
-                    break
-                if self.commit_latency is not None:
-                    self.commit_latency(time.perf_counter() - started)
-                self._inflight = None
-                for revision, events, ts in batch.revisions:
-                    self.publish(revision, events, ts)
-                batch.future.set_result(None)
+    def _flush(self) -> None:
+        """Hand the waiting batch to the writer thread, unless one is in flight
+        (then it goes when that one lands, with whatever joined it meanwhile)."""
+        if self._inflight is not None or self._batch is None or self._failed is not None:
+            return
+        batch, self._batch = self._batch, None
+        self._inflight = batch
+        self._compact(batch)
+        self._writer.submit(
+            self._write_batch, batch, batch.revision or self.durable_revision, time.perf_counter()
+        )
+
+    def _write_batch(self, batch: _Batch, revision: Revision, started: float) -> None:
+        """In the writer thread: one transaction, then one wakeup of the loop
+        (not an executor future chained to an asyncio one and a task)."""
+        try:
+            self._write(batch.ops, revision)
+        except Exception as exc:  # disk full, read-only, damaged: until it heals
+            self._loop.call_soon_threadsafe(self._landed, batch, started, _cause(exc))
+        else:
+            self._loop.call_soon_threadsafe(self._landed, batch, started, None)
+
+    def _landed(self, batch: _Batch, started: float, failed: str | None) -> None:
+        if failed is not None:
+            self._fail(batch, failed)
+            self._recovery = asyncio.create_task(self._recover(), name="store-recovery")
+            return
+        if self.commit_latency is not None:
+            self.commit_latency(time.perf_counter() - started)
+        self._inflight = None
+        for revision, events, ts in batch.revisions:
+            self.publish(revision, events, ts)
+        batch.future.set_result(None)
+        self._flush()
 
     def _fail(self, batch: _Batch, cause: str) -> None:
         """A commit failed: fail its writes and those queued behind it (which
@@ -498,6 +504,7 @@ class SQLiteStore(Store):
             self._failed = None
             log.warning("store: writing again at revision %d", self.revision)
             self.set_health(None)
+            self._flush()  # what was queued meanwhile (a lease's expiry)
             return
 
     def _probe(self) -> None:
@@ -548,7 +555,7 @@ class SQLiteStore(Store):
     def _put(self, new: Service, prev: Service | None) -> tuple[Event, Op]:
         row = (
             new.name,
-            json.dumps(new.attrs, separators=(",", ":")),
+            _compact_json(new.attrs),
             new.lease,
             new.owner,
             new.create_revision,

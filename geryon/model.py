@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import re
+import sys
 import unicodedata
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -189,7 +190,9 @@ def validate_attrs(attrs: Mapping[str, str], field_name: str = "attrs") -> dict[
             raise InvalidArgument(
                 f"{field_name}: value of {attr!r} longer than {MAX_VALUE_BYTES} bytes"
             )
-    return dict(attrs)
+    # Interned: each request brings its own copies of the same few names and
+    # values, and an entry keeps them as long as it lives.
+    return {sys.intern(k): sys.intern(v) for k, v in attrs.items()}
 
 
 def validate_filter(attrs: Mapping[str, str], prefix: str = "") -> Filter:

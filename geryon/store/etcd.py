@@ -43,6 +43,7 @@ import logging
 import math
 import os
 import socket
+import sys
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -364,11 +365,12 @@ class EtcdStore(Store):
     def _service(self, name: str, kv: epb.KeyValue) -> Service | None:
         try:
             v = json.loads(kv.value)
-            attrs, owner = v["attrs"], v["owner"]
-            if not isinstance(attrs, dict) or not isinstance(owner, str):
-                raise TypeError
+            # Interned (sys.intern refuses anything but text): each entry
+            # would otherwise hold its own copy of every name and value.
+            attrs = {sys.intern(k): sys.intern(x) for k, x in v["attrs"].items()}
+            owner = sys.intern(v["owner"])
             validate_name(name, new=False)
-        except (ValueError, KeyError, TypeError, GeryonError):
+        except (ValueError, KeyError, TypeError, AttributeError, GeryonError):
             log.warning("registryd: etcd key %r holds no service; ignored", kv.key)
             return None
         return Service(name, attrs, kv.lease, owner, kv.create_revision, kv.mod_revision)

@@ -36,6 +36,7 @@ from bench import procs
 from bench.core import service
 from bench.geryon_side import BIN, QUOTAS_OFF, READY
 from bench.report import pct
+from geryon import localetcd
 from geryon.convert import pb, pb_grpc
 from geryon.model import Event, EventType, Service
 from geryon.store.sqlite import SCHEMA, SCHEMA_VERSION, event_row, lease_row, service_row
@@ -113,12 +114,16 @@ def rss_mb(pid: int) -> float:
 
 
 class Registry:
-    def __init__(self, root: Path, history: int) -> None:
+    """A registryd on SQLite in ``root``, or a front of ``etcd`` (endpoints)."""
+
+    def __init__(self, root: Path, history: int, etcd: str | None = None) -> None:
         self.address = f"127.0.0.1:{procs.free_port()}"
         self.data = root / "data"
-        self.argv = [str(BIN / "geryon-registryd"), "--listen", self.address,
-                     "--data-dir", str(self.data), "--history", str(history),
-                     "--log-level", "warning", *QUOTAS_OFF]  # fmt: skip
+        store = (
+            ["--etcd", etcd, "--etcd-prefix", "/scale/"] if etcd else ["--data-dir", str(self.data)]
+        )
+        self.argv = [str(BIN / "geryon-registryd"), "--listen", self.address, *store,
+                     "--history", str(history), "--log-level", "warning", *QUOTAS_OFF]  # fmt: skip
         self.proc = procs.Proc(self.argv, root / "registry.log", ready=READY)
 
     def channel(self) -> grpc.aio.Channel:
@@ -195,9 +200,22 @@ async def idle_max_ms(stub: pb_grpc.RegistryStub, n: int, seconds: float) -> tup
     return max(took), pct(took, 99)
 
 
-async def measure(n: int, *, api: bool, history: int, idle_s: float) -> dict[str, float]:
+async def start_etcd(root: Path) -> localetcd.Cluster:
+    """A 3-member etcd cluster on loopback, as bench.geryon_etcd_side starts it."""
+    cluster = localetcd.Cluster(root / "etcd")
+    for m in cluster.members:  # forked on the loop's thread (see procs.adopt)
+        m.start(cluster.etcd, cluster.initial)
+        procs.adopt(m.proc)
+    await asyncio.to_thread(cluster.wait_ready)
+    return cluster
+
+
+async def measure(
+    n: int, *, api: bool, history: int, idle_s: float, etcd: bool = False
+) -> dict[str, float]:
     with tempfile.TemporaryDirectory(prefix="geryon-bench-scale-") as tmp:
-        reg = Registry(Path(tmp), history)
+        cluster = await start_etcd(Path(tmp)) if etcd else None
+        reg = Registry(Path(tmp), history, cluster.endpoints if cluster else None)
         out: dict[str, float] = {}
         try:
             if api:
@@ -244,12 +262,13 @@ async def measure(n: int, *, api: bool, history: int, idle_s: float) -> dict[str
             out["rss_mb"] = rss_mb(reg.proc.pid)
         finally:
             reg.proc.kill9()
+            procs.kill_all()  # the etcd members too
         return out
 
 
-def print_table(results: dict[int, dict[str, float]]) -> None:
+def print_table(results: dict[int, dict[str, float]], store: str) -> None:
     sizes = sorted(results)
-    head = f"{'scale (SQLite store)':<40} {'unit':<6}" + "".join(f"{n:>11,}" for n in sizes)
+    head = f"{f'scale ({store})':<40} {'unit':<6}" + "".join(f"{n:>11,}" for n in sizes)
     print(head + f"  {'goal 100k':>9}  {'goal 1M':>7}")
     print("-" * (len(head) + 20))
     for key, label, unit, g100k, g1m in ROWS:
@@ -276,6 +295,11 @@ def main(argv: list[str] | None = None) -> None:
                    help="load sizes up to this through the API, larger ones directly")  # fmt: skip
     p.add_argument("--history", type=int, default=HISTORY, help="the registry's --history")
     p.add_argument("--idle", type=float, default=None, help="seconds of idle reads (default 5)")
+    p.add_argument(
+        "--etcd",
+        action="store_true",
+        help="the etcd store (a front over a 3-member cluster), loaded through the API",
+    )
     args = p.parse_args(argv)
     if args.sizes:
         sizes = [int(x) for x in args.sizes.split(",")]
@@ -286,11 +310,17 @@ def main(argv: list[str] | None = None) -> None:
     with contextlib.suppress(KeyboardInterrupt):
         for n in sizes:
             results[n] = asyncio.run(
-                measure(n, api=n <= args.api_max, history=args.history, idle_s=idle)
+                measure(
+                    n,
+                    api=args.etcd or n <= args.api_max,
+                    history=args.history,
+                    idle_s=idle,
+                    etcd=args.etcd,
+                )
             )
             print(f"({n:,} done)", file=sys.stderr, flush=True)
     try:
-        print_table(results)
+        print_table(results, "etcd store" if args.etcd else "SQLite store")
     finally:
         procs.kill_all()
 

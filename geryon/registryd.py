@@ -94,7 +94,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=float,
         metavar="SECONDS",
         help="give up on etcd after this long and answer UNAVAILABLE (default 5); "
-        "starting waits for etcd twice as long, at least 10 s",
+        "starting gives up after twice as long (at least 10 s) with no progress",
     )
     p.add_argument(
         "--etcd-compact-interval",

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 
-from conftest import eventually
+from conftest import eventually, free_port
 
 from geryon import localetcd
 from geryon.errors import GeryonError, OutOfRange
@@ -72,3 +72,15 @@ async def test_a_front_whose_watch_fell_behind_compaction_relists(
     finally:
         await a.close()
         await b.close()
+
+
+async def test_a_front_that_reaches_no_etcd_fails_to_start() -> None:
+    """The start's deadline moves only as pages of the list arrive: with no
+    etcd answering, opening still fails, naming what it could not reach."""
+    port = free_port()
+    try:
+        await EtcdStore.open([f"127.0.0.1:{port}"], give_up_after=0.5, start_timeout=1.0)
+    except GeryonError as exc:
+        assert exc.code == "UNAVAILABLE" and "not reachable in 1s" in exc.message
+    else:
+        raise AssertionError("a front started with no etcd")

@@ -43,6 +43,7 @@ import logging
 import math
 import os
 import socket
+import sys
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -214,6 +215,8 @@ class EtcdStore(Store):
         self._last_error = ""
         self._filler: asyncio.Task[None] | None = None
         self._filled = asyncio.Event()
+        # While starting: the start's deadline, and how far each listed page moves it.
+        self._start_deadline: tuple[asyncio.Timeout, float] | None = None
 
     def describe(self) -> str:
         return f"etcd {self.etcd} prefix {self.prefix}"
@@ -234,7 +237,9 @@ class EtcdStore(Store):
     ) -> EtcdStore:
         """Connect, list the prefix, and start following it. An operation
         that etcd has not answered in ``give_up_after`` seconds fails
-        UNAVAILABLE; starting fails so after ``start_timeout``."""
+        UNAVAILABLE; starting fails so after ``start_timeout`` without
+        progress (each page of the list moves the deadline: 100,000 entries
+        take longer than that to list on a busy machine)."""
         if not prefix.startswith("/") or not prefix.endswith("/"):
             raise FailedPrecondition(f"--etcd-prefix: want /PATH/, got {prefix!r}")
         store = cls(
@@ -244,8 +249,10 @@ class EtcdStore(Store):
             compact_interval=compact_interval,
         )
         try:
-            async with asyncio.timeout(start_timeout):
+            async with asyncio.timeout(start_timeout) as deadline:
+                store._start_deadline = (deadline, start_timeout)
                 await store._start()
+            store._start_deadline = None
         except TimeoutError:
             await store.close()
             why = f" ({store._last_error})" if store._last_error else ""
@@ -307,6 +314,9 @@ class EtcdStore(Store):
                     at = at or r.header.revision
                     for kv in r.kvs:
                         self._load(kv, fresh, holders)
+                    if self._start_deadline is not None:  # starting, and etcd answers
+                        deadline, grace = self._start_deadline
+                        deadline.reschedule(asyncio.get_running_loop().time() + grace)
                     if not r.more or not r.kvs:
                         break
                     key = r.kvs[-1].key + b"\0"
@@ -366,11 +376,12 @@ class EtcdStore(Store):
     def _service(self, name: str, kv: epb.KeyValue) -> Service | None:
         try:
             v = json.loads(kv.value)
-            attrs, owner = v["attrs"], v["owner"]
-            if not isinstance(attrs, dict) or not isinstance(owner, str):
-                raise TypeError
+            # Interned (sys.intern refuses anything but text): each entry
+            # would otherwise hold its own copy of every name and value.
+            attrs = {sys.intern(k): sys.intern(x) for k, x in v["attrs"].items()}
+            owner = sys.intern(v["owner"])
             validate_name(name, new=False)
-        except (ValueError, KeyError, TypeError, GeryonError):
+        except (ValueError, KeyError, TypeError, AttributeError, GeryonError):
             log.warning("registryd: etcd key %r holds no service; ignored", kv.key)
             return None
         return Service(name, attrs, kv.lease, owner, kv.create_revision, kv.mod_revision)

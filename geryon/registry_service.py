@@ -129,21 +129,38 @@ class RegistryService(pb_grpc.RegistryServicer):
         self._wire_cache: dict[int, tuple[Event, pb.Event]] = {}
         self.streams: dict[object, tuple[Caller, Callable[[GeryonError], None]]] = {}
         self._releases: set[asyncio.Task[None]] = set()
+        # Cleared while the store loads: only Get is answered then, every
+        # other call waits (registryd sets it once the state is in memory).
+        self.serving = asyncio.Event()
+        self.serving.set()
         # Set before the server stops, so streams it ends do not look like
         # clients that went away (which would end their leases).
         self.stopping = False
 
     async def _call(
-        self, context: grpc.aio.ServicerContext, fn: Callable[[Caller], Awaitable[T]]
+        self,
+        context: grpc.aio.ServicerContext,
+        fn: Callable[[Caller], Awaitable[T]],
+        *,
+        early: bool = False,
     ) -> T:
+        """Run ``fn`` for the caller once the registry serves (``early``: at
+        once, for what the store answers while it loads)."""
         try:
-            return await fn(self.authenticate(context))
+            caller = self.authenticate(context)
+            if not early:
+                await self._serving()
+            return await fn(caller)
         except GeryonError as exc:
             await _abort(context, exc)
         except Exception:
             log.exception("registryd: internal error")
             await context.abort(grpc.StatusCode.INTERNAL, "registryd: internal error")
         raise AssertionError("unreachable")  # abort always raises
+
+    async def _serving(self) -> None:
+        if not self.serving.is_set():
+            await self.serving.wait()
 
     def _may_write(self, caller: Caller, what: str) -> None:
         if caller.role not in WRITERS:
@@ -270,10 +287,10 @@ class RegistryService(pb_grpc.RegistryServicer):
 
     async def Get(self, request: pb.GetRequest, context: Any) -> pb.GetResponse:
         async def do(caller: Caller) -> pb.GetResponse:
-            s, revision = await self.store.read(lambda: self.store.get(request.name))
+            s, revision = await self.store.lookup(request.name)
             return pb.GetResponse(header=header(revision), service=service_to_pb(s))
 
-        return await self._call(context, do)
+        return await self._call(context, do, early=True)
 
     async def Find(self, request: pb.FindRequest, context: Any) -> pb.FindResponse:
         async def do(caller: Caller) -> pb.FindResponse:
@@ -353,6 +370,7 @@ class RegistryService(pb_grpc.RegistryServicer):
             caller = self.authenticate(context)
             if caller.role not in WRITERS:
                 raise PermissionDenied(f"{caller.role} {caller.name} may not keep leases alive")
+            await self._serving()
 
             def end(error: GeryonError) -> None:
                 if not ended.done():
@@ -418,6 +436,7 @@ class RegistryService(pb_grpc.RegistryServicer):
         expiry: asyncio.TimerHandle | None = None
         try:
             caller = self.authenticate(context)
+            await self._serving()
             first = await anext(aiter(request_iterator), None)
             if first is None or not first.HasField("create_request"):
                 raise InvalidArgument("watch: the first request must be a create_request")

@@ -302,7 +302,9 @@ async def open_store(args: argparse.Namespace) -> Store:
         )
     from geryon.store.sqlite import SQLiteStore
 
-    return await SQLiteStore.open(args.data_dir or default_data_dir(), limits=limits)
+    # Not waiting for the state to load: Get is answered from the database
+    # meanwhile, so a restart serves reads as soon as the port is open.
+    return await SQLiteStore.open(args.data_dir or default_data_dir(), limits=limits, wait=False)
 
 
 async def serve(args: argparse.Namespace) -> int:
@@ -321,9 +323,9 @@ async def serve(args: argparse.Namespace) -> int:
     gc.disable()
     try:
         store = await open_store(args)
-    finally:
+    except BaseException:
         gc.enable()
-    gc.freeze()
+        raise
     hub = Hub(backlog=args.watch_backlog)
     store.on_commit.append(hub.publish)
     deny = credentials = None
@@ -342,9 +344,7 @@ async def serve(args: argparse.Namespace) -> int:
         keepalive_rate=args.keepalive_rate,
     )
     store.on_lost.append(servicer.store_lost)
-    if args.static:
-        n = await load_static(store, args.static)
-        log.info("registryd: loaded %d static services from %s", n, args.static)
+    servicer.serving.clear()  # until the state is in memory: Get only
 
     interceptors = []
     if args.metrics:
@@ -408,7 +408,22 @@ async def serve(args: argparse.Namespace) -> int:
         except RuntimeError:
             raise GeryonError(f"--ndb: cannot listen on {sock} (a path over 107 bytes?)") from None
         servicer.authenticate = local_admin_on_unix(servicer.authenticate, "reconciler")
+    for name in (SERVICE_NAME, ""):
+        await health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     await server.start()
+    try:
+        await store.ready()
+    except BaseException:
+        await server.stop(0)
+        raise
+    finally:
+        gc.enable()
+    gc.freeze()
+    if args.static:
+        n = await load_static(store, args.static)
+        log.info("registryd: loaded %d static services from %s", n, args.static)
+    servicer.serving.set()
+    scrub = asyncio.create_task(store.scrub(), name="store-scrub")
     await health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
     await health.set("", health_pb2.HealthCheckResponse.SERVING)
     health_tasks: set[asyncio.Task[None]] = set()
@@ -459,9 +474,9 @@ async def serve(args: argparse.Namespace) -> int:
     await health.enter_graceful_shutdown()
     servicer.shutdown()
     await server.stop(GRACE_S)
-    for keeper in keepers:
+    for keeper in (*keepers, scrub):
         keeper.cancel()
-    await asyncio.gather(*keepers, return_exceptions=True)
+    await asyncio.gather(*keepers, scrub, return_exceptions=True)
     await store.close()
     if private is not None:
         private.cleanup()

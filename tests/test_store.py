@@ -744,6 +744,55 @@ async def test_restart_brings_everything_back(open_store: Opener, clock: Clock) 
     assert names(store.find(Filter())) == ["p", "q", "y"] and store.revision == 8
 
 
+async def test_get_is_answered_from_the_database_while_the_state_loads(
+    open_store: Opener, tmp_path: Path
+) -> None:
+    store = await open_store()
+    s = await reg(store, "a", {"k": "v"})
+    await reg(store, "b")
+    await store.close()
+    early = await SQLiteStore.open(tmp_path / "data", wait=False)
+    try:
+        # Before ready(): the entry as stored, at the revision the store is at.
+        assert await early.lookup("a") == (s, 2)
+        with pytest.raises(NotFound, match="no service 'nosuch'"):
+            await early.lookup("nosuch")
+        with pytest.raises(InvalidArgument):
+            await early.lookup("")
+        await early.ready()
+        assert await early.lookup("a") == (s, 2)
+        assert names(early.find(Filter())) == ["a", "b"]
+    finally:
+        await early.close()
+
+
+async def test_a_damaged_history_row_drops_the_history_up_to_it(
+    open_store: Opener, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = await open_store()
+    for i in range(5):
+        await reg(store, f"s{i}", {"i": str(i)})
+    await store.close()
+    with sqlite3.connect(tmp_path / "data" / "registry.db") as db:
+        db.execute("UPDATE events SET ts = ts + 1 WHERE revision = 3")
+    store = await open_store()  # the history's rows are not checked at start
+    assert [rev for rev, _, _ in store.history] == [1, 2, 3, 4, 5]
+    await store.scrub()
+    assert "event 3.0: checksum does not match" in caplog.text
+    with pytest.raises(OutOfRange) as err:
+        store.history_since(1)
+    assert err.value.resume_revision == 4
+    assert [rev for rev, _ in store.history_since(4)] == [4, 5]
+    assert names(store.find(Filter())) == [f"s{i}" for i in range(5)]
+    await store.close()
+    # Read back before the scrub got there: the watch is told to re-list.
+    with sqlite3.connect(tmp_path / "data" / "registry.db") as db:
+        db.execute("UPDATE events SET ts = ts + 1 WHERE revision = 5")
+    store = await open_store()
+    with pytest.raises(OutOfRange):
+        store.history_since(5)
+
+
 async def test_revision_and_lease_ids_never_go_back(open_store: Opener) -> None:
     store = await open_store()
     top = 0

@@ -140,7 +140,21 @@ class Store(State, abc.ABC):
         acknowledged (by anyone) before this call, and the revision to report
         with what it saw; the answer is sent only once all of it is durable."""
 
+    async def lookup(self, name: str) -> tuple[Service, Revision]:
+        """Get: one service by name, and the revision it was read at. A
+        store may answer this before the rest of its state is loaded."""
+        return await self.read(lambda: self.get(name))
+
     # ---- life ---------------------------------------------------------------
+
+    async def ready(self) -> None:
+        """Wait until the whole state is in memory; raise what kept it out."""
+        return None
+
+    async def scrub(self) -> None:
+        """Check what the start left unchecked (the SQLite store's history
+        rows), once the registry serves; log and drop what is damaged."""
+        return None
 
     @abc.abstractmethod
     async def close(self) -> None: ...

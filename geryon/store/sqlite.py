@@ -30,7 +30,7 @@ import sqlite3
 import sys
 import time
 import zlib
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +38,7 @@ from typing import IO, Any, TypeVar
 
 import orjson
 
-from geryon.errors import FailedPrecondition, Unavailable
+from geryon.errors import FailedPrecondition, NotFound, OutOfRange, Unavailable
 from geryon.model import (
     Caller,
     Event,
@@ -158,14 +158,7 @@ def _stored_size(row: tuple[Any, ...]) -> int:
     return len(row[3]) + len(row[4] or "")
 
 
-def _interned_attrs(pairs: list[tuple[str, str]]) -> dict[str, str]:
-    """Stored attributes, each name and value one object however many
-    entries share it (json.loads makes a copy per entry); sys.intern refuses
-    anything but text."""
-    return {sys.intern(k): sys.intern(v) for k, v in pairs}
-
-
-_ATTRS = json.JSONDecoder(object_pairs_hook=_interned_attrs)
+intern = sys.intern
 
 # Service's slots, set directly: its frozen dataclass __init__ sets each
 # field through object.__setattr__, which took a third of the time loaded
@@ -303,8 +296,11 @@ class SQLiteStore(Store):
         # until it is put back to what the database holds.
         self._stale = False
         self._lock: IO[str] | None = None
-        # The event loop's own connection, for reading back stored history.
+        # The event loop's own connection, for reading back stored history
+        # (and entries, while the state loads).
         self._reader: sqlite3.Connection | None = None
+        # The state loading into memory in the writer thread (None: loaded).
+        self._loading: asyncio.Future[None] | None = None
 
     def describe(self) -> str:
         return f"data {self.path.parent}"
@@ -312,18 +308,68 @@ class SQLiteStore(Store):
     # ---- opening and closing ------------------------------------------------
 
     @classmethod
-    async def open(cls, data_dir: Path, *, limits: Limits | None = None) -> SQLiteStore:
+    async def open(
+        cls, data_dir: Path, *, limits: Limits | None = None, wait: bool = True
+    ) -> SQLiteStore:
+        """Open the store. With ``wait`` False, return once the database is
+        open and checked, and load the state in the writer thread meanwhile:
+        ``lookup`` answers from the database until it is in memory, and
+        ``ready`` waits for it (and raises what the load found wrong)."""
         store = cls(data_dir / "registry.db", limits=limits)
+        loop = asyncio.get_running_loop()
         try:
-            await asyncio.get_running_loop().run_in_executor(store._writer, store._load)
+            await loop.run_in_executor(store._writer, store._open)
         except BaseException:
-            store._writer.shutdown(wait=False)
-            if store._lock is not None:
-                store._lock.close()
+            store._abandon()
             raise
+        store._loading = loop.run_in_executor(store._writer, store._load)
+        store._loading.add_done_callback(_consume)
+        if wait:
+            await store.ready()
         return store
 
-    def _load(self) -> None:
+    async def ready(self) -> None:
+        if self._loading is None:
+            return
+        try:
+            await asyncio.shield(self._loading)
+        except BaseException:
+            self._abandon()
+            raise
+        self._loading = None
+
+    def _abandon(self) -> None:
+        """The store could not open: release what it held."""
+        self._writer.shutdown(wait=False)
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
+
+    async def lookup(self, name: str) -> tuple[Service, Revision]:
+        if self._loading is None:
+            return await super().lookup(name)
+        # Still loading: nothing has been written since the start, so the
+        # database holds exactly the state at ``revision``.
+        validate_name(name, new=False)
+        if self._reader is None:
+            self._reader = sqlite3.connect(self.path, isolation_level=None)
+        row = self._reader.execute(
+            "SELECT name, attrs, lease, owner, create_revision, mod_revision, crc "
+            "FROM services WHERE name = ?",
+            (name,),
+        ).fetchone()
+        if row is None:
+            raise NotFound(f"no service {name!r}")
+        *row, crc = row
+        try:
+            _check(row_crc(*row) == crc, "checksum does not match")
+            return _service(row[0], orjson.loads(row[1]), *row[2:]), self.revision
+        except (Damaged, ValueError, TypeError):  # the load says so, in one line, and exits
+            raise Unavailable("registryd: starting: the store is damaged") from None
+
+    def _open(self) -> None:
+        """Lock the store, open its database, check its pages and schema,
+        and find the revision it is at."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         # Two registries on one store would hand out the same revisions.
         lock = self.path.parent / "LOCK"
@@ -343,12 +389,33 @@ class SQLiteStore(Store):
             if where.exists() and not os.access(where, os.W_OK):
                 raise FailedPrecondition(f"{self.path}: {where} is read-only to this registry")
         self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        try:
+        with self._refusing_damage():
             self._open_db(self._db)
+            # The revision never goes back: not below a change the store holds.
+            db = self._db
+            meta = dict(db.execute("SELECT key, value FROM meta"))
+            (newest,) = db.execute("SELECT max(mod_revision) FROM services").fetchone()
+            (last_event,) = db.execute("SELECT max(revision) FROM events").fetchone()
+            self.revision = self.durable_revision = max(
+                meta.get("revision", 0), newest or 0, last_event or 0
+            )
+
+    def _load(self) -> None:
+        """Read every row, checked, into memory; then commit once."""
+        assert self._db is not None
+        with self._refusing_damage():
             self._apply(self._read_durable(self._db))
             self._load_history(self._db)
             # Refuse now, not at the first write, a store we cannot write.
             self._write([], self.revision)
+
+    @contextlib.contextmanager
+    def _refusing_damage(self) -> Iterator[None]:
+        """Close the database on any failure; name damage and SQLite's
+        refusals in one line."""
+        assert self._db is not None
+        try:
+            yield
         except BaseException as exc:
             self._db.close()
             self._db = None
@@ -403,9 +470,12 @@ class SQLiteStore(Store):
             try:
                 if type(name) is not str or not type(lease) is type(create) is type(mod) is int:
                     raise ValueError("a column is not of its type")
-                attrs = _ATTRS.decode(attrs)
+                attrs = orjson.loads(attrs)
                 if type(attrs) is not dict:
                     raise ValueError("attributes are not a map of strings")
+                # One object per distinct name and value, however many entries
+                # share it; sys.intern refuses anything but text.
+                attrs = {intern(k): intern(v) for k, v in attrs.items()}
                 s = _loaded_service(
                     name,
                     attrs,
@@ -415,6 +485,7 @@ class SQLiteStore(Store):
                     mod,
                 )
             except (ValueError, TypeError) as exc:  # TypeError: a non-text attribute
+                # (orjson.JSONDecodeError is a ValueError)
                 raise Damaged(f"service {name!r}: {_cause(exc)}") from None
             services.append(s)
             newest = max(newest, mod)
@@ -452,26 +523,65 @@ class SQLiteStore(Store):
         self.oldest_revision = max(self.oldest_revision, durable.oldest)
 
     def _load_history(self, db: sqlite3.Connection) -> None:
-        """The history window, each row's checksum checked, its events left
-        in the database (``Stored``): decoding them all would make every
-        start pay for what only a watch resuming from before it needs."""
-        rev, count, size, at = 0, 0, 0, 0.0
-        for *row, crc in db.execute(
-            "SELECT revision, idx, type, service, prev, ts, crc FROM events "
-            "WHERE revision >= ? ORDER BY revision, idx",
+        """The history window as each revision's event count, size and time,
+        its events left in the database (``Stored``): decoding them all
+        would make every start pay for what only a watch resuming from
+        before it needs. SQLite sums them; the rows' checksums are checked
+        by ``scrub`` once the registry serves, and by ``resolve`` as it
+        reads them back."""
+        held = db.execute(
+            "SELECT revision, count(*), sum(length(service) + coalesce(length(prev), 0)), "
+            "min(ts) FROM events WHERE revision >= ? GROUP BY revision ORDER BY revision",
             (self.oldest_revision,),
-        ):
-            rev_, idx, typ, svc, prev, ts = row
-            if zlib.crc32(f"{rev_}\x1f{idx}\x1f{typ}\x1f{svc}\x1f{prev}\x1f{ts}".encode()) != crc:
-                raise Damaged(f"event {rev_}.{idx}: checksum does not match")
-            if row[0] != rev:
-                if count:
-                    self.record(rev, Stored.of(count), at, size)
-                rev, count, size, at = row[0], 0, 0, row[5]
-            count += 1
-            size += _stored_size(row)
-        if count:
-            self.record(rev, Stored.of(count), at, size)
+        ).fetchall()
+        of = Stored.of
+        self.history.extend((rev, of(count), ts) for rev, count, _, ts in held)
+        self.history_sizes.extend(size for _, _, size, _ in held)
+        self.history_events += sum(count for _, count, _, _ in held)
+        self.history_bytes += sum(size for _, _, size, _ in held)
+
+    async def scrub(self) -> None:
+        """Check every held event row's checksum, in the writer thread. A
+        damaged one is logged, and the history up to it dropped, as if
+        compacted: a watch resuming from there re-lists instead of being
+        told a change that was not stored."""
+        # A thread and connection of its own: the writer's would hold up
+        # every commit behind a pass over the whole window.
+        damaged = await asyncio.to_thread(self._scrub, self.oldest_revision)
+        if damaged is not None:
+            with contextlib.suppress(OutOfRange):
+                self._history_damaged(*damaged)
+
+    def _history_damaged(self, revision: Revision, why: str) -> None:
+        """Drop the history up to a damaged revision; OutOfRange for the
+        watch that was reading it."""
+        if revision >= self.oldest_revision:
+            log.error(
+                "store: %s: the history is damaged (%s): dropped up to revision %d; "
+                "watches resuming from before it re-list",
+                self.path,
+                why,
+                revision,
+            )
+            self.forget_before(revision + 1)
+        raise OutOfRange(
+            f"revision {revision}: the history is damaged; oldest held is {self.oldest_revision}",
+            resume_revision=self.oldest_revision,
+        )
+
+    def _scrub(self, oldest: Revision) -> tuple[Revision, str] | None:
+        """The newest revision from ``oldest`` on with a damaged event row, and why."""
+        damaged = None
+        with contextlib.closing(sqlite3.connect(self.path, isolation_level=None)) as db:
+            for rev, idx, typ, svc, prev, ts, crc in db.execute(
+                "SELECT revision, idx, type, service, prev, ts, crc FROM events "
+                "WHERE revision >= ?",
+                (oldest,),
+            ):
+                text = f"{rev}\x1f{idx}\x1f{typ}\x1f{svc}\x1f{prev}\x1f{ts}"
+                if zlib.crc32(text.encode()) != crc and (damaged is None or rev > damaged[0]):
+                    damaged = (rev, f"event {rev}.{idx}: checksum does not match")
+        return damaged
 
     def resolve(
         self, held: list[tuple[Revision, tuple[Event, ...] | Stored]]
@@ -486,11 +596,14 @@ class SQLiteStore(Store):
             self._reader = sqlite3.connect(self.path, isolation_level=None)
         found: dict[Revision, list[Event]] = {}
         try:
-            for rev, typ, svc, prev in self._reader.execute(
-                "SELECT revision, type, service, prev FROM events "
+            for *row, crc in self._reader.execute(
+                "SELECT revision, idx, type, service, prev, ts, crc FROM events "
                 "WHERE revision BETWEEN ? AND ? ORDER BY revision, idx",
                 (stored[0], stored[-1]),
             ):
+                rev, idx, typ, svc, prev, _ = row
+                if row_crc(*row) != crc:
+                    self._history_damaged(rev, f"event {rev}.{idx}: checksum does not match")
                 found.setdefault(rev, []).append(
                     Event(
                         EventType(typ),

@@ -54,7 +54,8 @@ class Sizes:
     concurrency: int = 16
     rstyx: int = 10  # services with svc=rstyx among ``services``
     find_seconds: float = 1.5  # each find round runs this long
-    watchers: int = 100
+    watchers: tuple[int, ...] = (10, 100, 1_000)  # fan-out: a row per count
+    watcher_procs: int = 4  # fan-out: client processes the watchers are spread over
     updates: int = 1_000
     churn: int = 1_000  # leases granted, renewed once and revoked (16 clients)
     churn_1: int = 1_000  # the same with 1 client
@@ -78,7 +79,8 @@ class Sizes:
             leases=4,
             concurrency=4,
             find_seconds=0.2,
-            watchers=5,
+            watchers=(2, 5),
+            watcher_procs=2,
             updates=50,
             churn=40,
             churn_1=20,

@@ -127,6 +127,7 @@ class RegistryService(pb_grpc.RegistryServicer):
         self.keepalive_rate = keepalive_rate
         # Open streams by caller, so a newly denied identity can be cut off.
         self._wire_cache: dict[int, tuple[Event, pb.Event]] = {}
+        self._message_cache: dict[tuple[int, ...], tuple[list[Event], bytes]] = {}
         self.streams: dict[object, tuple[Caller, Callable[[GeryonError], None]]] = {}
         self._releases: set[asyncio.Task[None]] = set()
         # Cleared while the store loads: only Get is answered then, every
@@ -430,7 +431,7 @@ class RegistryService(pb_grpc.RegistryServicer):
 
     async def Watch(
         self, request_iterator: AsyncIterator[pb.WatchRequest], context: Any
-    ) -> AsyncIterator[pb.WatchResponse]:
+    ) -> AsyncIterator[pb.WatchResponse | bytes]:
         watcher: Watcher | None = None
         reader: asyncio.Task[None] | None = None
         expiry: asyncio.TimerHandle | None = None
@@ -538,18 +539,24 @@ class RegistryService(pb_grpc.RegistryServicer):
 
     async def _stream(
         self, watcher: Watcher, progress: asyncio.Event, interval: float
-    ) -> AsyncIterator[pb.WatchResponse]:
+    ) -> AsyncIterator[pb.WatchResponse | bytes]:
         loop = asyncio.get_running_loop()
         next_progress = loop.time() + interval
         while True:
             if watcher.error is not None:
                 raise watcher.error
-            if watcher.pending:
+            # Woken (by the hub's round, a replay or a progress request)
+            # with events: send them, whole revisions, in order.
+            if watcher.pending and watcher.wakeup.is_set():
                 events = watcher.take(MAX_EVENTS_PER_MESSAGE)
+                rest = bool(watcher.pending)  # past one message: send on
                 yield self._events(events)
+                if not rest:
+                    self.hub.sent(watcher)
                 next_progress = loop.time() + interval
                 continue
-            if progress.is_set() or loop.time() >= next_progress:
+            # Events held for the hub's next round come before any notice.
+            if not watcher.pending and (progress.is_set() or loop.time() >= next_progress):
                 progress.clear()
                 # Nothing pending: every revision up to the durable one was
                 # offered (a revision none of its events touch, or with no
@@ -564,17 +571,31 @@ class RegistryService(pb_grpc.RegistryServicer):
                 next_progress = loop.time() + interval
                 continue
             watcher.wakeup.clear()
-            # asyncio.timeout, not wait_for: no task per wakeup.
+            # asyncio.timeout, not wait_for: no task per wakeup. Held events
+            # are due within a round, so no notice is waited for meanwhile.
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout_at(next_progress):
+                async with asyncio.timeout_at(None if watcher.pending else next_progress):
                     await watcher.wakeup.wait()
 
-    def _events(self, events: list[Event]) -> pb.WatchResponse:
-        return pb.WatchResponse(
-            header=header(self.store.durable_revision),
+    def _events(self, events: list[Event]) -> bytes:
+        """The message for ``events``, serialized once however many watchers
+        get the same events in the same round (grpc sends bytes as they are:
+        wire.py)."""
+        durable = self.store.durable_revision
+        key = (durable, *map(id, events))
+        hit = self._message_cache.get(key)
+        if hit is not None:
+            return hit[1]
+        data = pb.WatchResponse(
+            header=header(durable),
             type=pb.WatchResponse.TYPE_EVENTS,
             events=[self._wire(e) for e in events],
-        )
+        ).SerializeToString()
+        if len(self._message_cache) >= 1024:
+            self._message_cache.clear()
+        # Holding the events keeps their ids from being reused while cached.
+        self._message_cache[key] = (events, data)
+        return data
 
     def _wire(self, e: Event) -> pb.Event:
         """An event's protobuf form, built once however many watchers get it."""

@@ -5,6 +5,18 @@ start matching is a PUT, one that makes it stop matching is a DELETE, so
 replaying a watcher's events always rebuilds Find's answer. Each watcher has a
 bounded backlog; one that falls past it is cut off with the revision to resume
 from, so a slow reader never grows the registry's memory or slows the others.
+
+The hub wakes its watchers in rounds, so that a busy registry sends fewer,
+fuller messages. A watcher woken to send comes back (``Hub.sent``) once its
+message is out; revisions that reach it meanwhile are held. When every
+watcher of the round is back, the loop gets as long again for the rest (the
+writes, each of which needs several turns of a loop that 1,000 streams keep
+full), then the next round wakes the held watchers together. A
+watcher still writing after ``ROUND_MAX_S`` (its reader slow or stuck) holds
+up that round only: no round waits for a watcher still writing an earlier
+round's message, which is woken again once it is back. An idle
+registry has no round open, so a revision goes out at once; under load each
+message carries every revision committed in a round, whole and in order.
 """
 
 from __future__ import annotations
@@ -17,6 +29,8 @@ from geryon.errors import GeryonError, ResourceExhausted
 from geryon.model import Event, EventType, Filter, Revision
 
 DEFAULT_BACKLOG = 10_000  # events queued per watcher before it is cut off
+# The longest the hub waits for a round's watchers before starting the next.
+ROUND_MAX_S = 0.25
 
 
 def translate(flt: Filter, events: Iterable[Event]) -> list[Event]:
@@ -49,17 +63,21 @@ class Watcher:
         self.pending_events = 0
         self.error: GeryonError | None = None
         self.wakeup = asyncio.Event()
+        # Woken by its hub's rounds rather than by each live revision.
+        self.paced = False
+        self.writing = False  # woken by a round, not back yet
 
-    def offer(self, revision: Revision, events: Iterable[Event], *, replay: bool = False) -> None:
-        """Queue a revision's events. History replayed at the start of a watch
-        (``replay``) is not held against the backlog bound: it already sits in
-        the store's history, and the bound is about live growth."""
+    def offer(self, revision: Revision, events: Iterable[Event], *, replay: bool = False) -> bool:
+        """Queue a revision's events; True when some matched. History replayed
+        at the start of a watch (``replay``) is not held against the backlog
+        bound: it already sits in the store's history, and the bound is about
+        live growth."""
         if self.error is not None or revision <= self.seen:
-            return
+            return False
         self.seen = revision
         matched = translate(self.filter, events)
         if not matched:
-            return
+            return False
         if not replay and self.pending_events + len(matched) > self.backlog_limit:
             self.fail(
                 ResourceExhausted(
@@ -68,10 +86,12 @@ class Watcher:
                     resume_revision=self.delivered + 1,
                 )
             )
-            return
+            return False
         self.pending.append((revision, matched))
         self.pending_events += len(matched)
-        self.wakeup.set()
+        if replay or not self.paced:
+            self.wakeup.set()
+        return True
 
     def fail(self, error: GeryonError) -> None:
         """End the stream with ``error`` (shutdown, overflow, a denied caller)."""
@@ -95,24 +115,114 @@ class Watcher:
         return out
 
 
+def _loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:  # the hub driven without a loop (tests)
+        return None
+
+
 class Hub:
     """Every open watcher; the store calls ``publish`` for each durable revision."""
 
     def __init__(self, *, backlog: int = DEFAULT_BACKLOG) -> None:
         self.backlog = backlog
         self.watchers: set[Watcher] = set()
+        self.woken: set[Watcher] = set()  # this round's, not yet back
+        self.held: set[Watcher] = set()  # with events, for the next round
+        self._round = 0
+        self._started = 0.0  # when the round began (loop time)
+        self._quiet_until = 0.0  # no round begins before this
+        self._timer: asyncio.TimerHandle | None = None
 
     def subscribe(self, flt: Filter, *, after: Revision, owner: str = "") -> Watcher:
         w = Watcher(flt, after=after, backlog=self.backlog, owner=owner)
+        w.paced = True
         self.watchers.add(w)
         return w
 
     def unsubscribe(self, w: Watcher) -> None:
         self.watchers.discard(w)
+        self.held.discard(w)
+        self.back(w)
 
     def publish(self, revision: Revision, events: tuple[Event, ...]) -> None:
+        woken, held = self.woken, self.held
         for w in self.watchers:
-            w.offer(revision, events)
+            if w.offer(revision, events) and w not in woken:
+                held.add(w)
+        self._next()
+
+    def sent(self, w: Watcher) -> None:
+        """``w``'s stream sent what it took: it waits for the next round."""
+        w.wakeup.clear()
+        w.writing = False
+        if w.pending:
+            self.held.add(w)
+        else:  # a progress request had it send out of turn
+            self.held.discard(w)
+        self.back(w)
+
+    def back(self, w: Watcher) -> None:
+        if w in self.woken:
+            self.woken.discard(w)
+            if not self.woken:
+                self._ended()
+        self._next()
+
+    def _ended(self) -> None:
+        """The round is over: the loop gets as long again for everything
+        else (the writes the next round will carry) before the next one."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        loop = _loop()
+        if loop is not None:
+            now = loop.time()
+            self._quiet_until = now + min(now - self._started, ROUND_MAX_S)
+
+    def _next(self) -> None:
+        """Start a round if none is open, events are held and the quiet
+        after the last round is over; otherwise when it is."""
+        if self.woken or not self.held or self._timer is not None:
+            return
+        loop = _loop()
+        if loop is not None and loop.time() < self._quiet_until:
+            self._timer = loop.call_at(self._quiet_until, self._quiet_over)
+            return
+        self.flush()
+
+    def _quiet_over(self) -> None:
+        self._timer = None
+        self._next()
+
+    def flush(self) -> None:
+        """Start a round: wake every watcher with events held, but one still
+        writing an earlier round's message (it is woken when it is back)."""
+        ready = {w for w in self.held if w.pending and not w.writing}
+        self.held = {w for w in self.held - ready if w.pending}
+        for w in ready:
+            w.wakeup.set()
+            w.writing = True
+        loop = _loop()
+        if not ready or loop is None:  # without a loop (tests): no rounds
+            for w in ready:
+                w.writing = False
+            return
+        self.woken = ready
+        self._round += 1
+        self._started = loop.time()
+        self._timer = loop.call_later(ROUND_MAX_S, self._overdue, self._round)
+
+    def _overdue(self, round_: int) -> None:
+        # Watchers still writing this round's message (their reader is slow
+        # or stuck) are not waited for: the others go on, and they join a
+        # round again once they are back.
+        self._timer = None
+        if round_ == self._round and self.woken:
+            self.woken = set()
+            self._ended()
+            self._next()
 
     def count(self, owner: str) -> int:
         return sum(1 for w in self.watchers if w.owner == owner)

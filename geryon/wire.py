@@ -15,7 +15,8 @@ returns a ``Malformed`` marker instead of raising. A unary request's handler
 answers the marker with INVALID_ARGUMENT before the servicer is called; a
 stream's handler gets requests (from its iterator and from
 ``context.read()``) through a reader that ends the call with
-INVALID_ARGUMENT when the marker comes. The handlers are rewritten once, when
+INVALID_ARGUMENT when the marker comes. A response the handler made bytes
+itself passes the serializer as it is. The handlers are rewritten once, when
 they are registered: a well-formed call costs one Python call around
 ``FromString`` and one around the servicer's method (and, in a stream, one
 per message), and no interceptor.
@@ -135,8 +136,22 @@ class _Guard:
         guarded = wrap(behaviour, generator, self.reject, method)
         factory = getattr(grpc, f"{kind}_rpc_method_handler")  # e.g. unary_unary_rpc_...
         return factory(
-            guarded, request_deserializer=lenient, response_serializer=handler.response_serializer
+            guarded,
+            request_deserializer=lenient,
+            response_serializer=_passing_bytes(handler.response_serializer),
         )
+
+
+def _passing_bytes(serialize: Callable[[Any], bytes] | None) -> Callable[[Any], bytes] | None:
+    """``serialize``, but a response a handler already serialized (bytes: a
+    watch message many streams send alike) goes out as it is."""
+    if serialize is None:
+        return None
+
+    def serialized(message: Any) -> bytes:
+        return message if message.__class__ is bytes else serialize(message)
+
+    return serialized
 
 
 _Reject = Callable[[str, Any, Malformed], Any]

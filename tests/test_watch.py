@@ -11,6 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from geryon import watch
 from geryon.errors import ResourceExhausted, Unavailable
 from geryon.model import Caller, Event, EventType, Filter, Service
 from geryon.store.sqlite import SQLiteStore
@@ -307,6 +308,75 @@ def test_close_all() -> None:
     err = Unavailable("registryd: shutting down")
     hub.close_all(err)
     assert all(w.error is err and not w.pending and w.wakeup.is_set() for w in ws)
+
+
+async def test_an_idle_hub_wakes_its_watchers_at_once() -> None:
+    hub = Hub()
+    w = hub.subscribe(Filter(), after=0)
+    hub.publish(1, rev_events(1, 1))
+    assert w.wakeup.is_set()
+
+
+async def test_a_busy_hub_coalesces_revisions_into_the_next_round() -> None:
+    """Revisions published while a round's messages are being sent wait for
+    the next round, and then go out together: whole revisions, in order."""
+    hub = Hub()
+    a, b = hub.subscribe(Filter(), after=0), hub.subscribe(Filter(), after=0)
+    hub.publish(1, rev_events(1, 1))
+    assert a.wakeup.is_set() and b.wakeup.is_set()
+    assert a.take(100) == b.take(100) == list(rev_events(1, 1))
+    for rev in (2, 3, 4):  # while a and b are still sending revision 1
+        hub.publish(rev, rev_events(rev, rev))
+    assert not a.wakeup.is_set() and not b.wakeup.is_set()
+    hub.sent(a)
+    assert not a.wakeup.is_set()  # b is not back: the round is still open
+    hub.sent(b)
+    await asyncio.wait_for(asyncio.gather(a.wakeup.wait(), b.wakeup.wait()), 5)
+    want = [e for rev in (2, 3, 4) for e in rev_events(rev, rev)]
+    assert a.take(100) == b.take(100) == want
+    assert a.delivered == b.delivered == 4
+
+
+async def test_a_stuck_watcher_holds_up_one_round_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(watch, "ROUND_MAX_S", 0.05)
+    hub = Hub()
+    fast, stuck = hub.subscribe(Filter(), after=0), hub.subscribe(Filter(), after=0)
+    hub.publish(1, rev_events(1, 1))
+    fast.take(100)
+    stuck.take(100)  # and never comes back: its reader does not read
+    hub.sent(fast)
+    hub.publish(2, rev_events(2, 1))
+    await asyncio.wait_for(fast.wakeup.wait(), 5)  # once the round is overdue
+    assert fast.take(100) == list(rev_events(2, 1))
+    assert hub.woken == {fast}  # the stuck one, still writing, is not waited for
+    hub.sent(fast)
+    hub.publish(3, rev_events(3, 1))
+    await asyncio.wait_for(fast.wakeup.wait(), 5)
+    assert fast.take(100) == list(rev_events(3, 1)) and hub.woken == {fast}
+    assert [r for r, _ in stuck.pending] == [2, 3]
+    hub.sent(fast)
+    hub.sent(stuck)  # its reader read at last: it is woken for what it holds
+    await asyncio.wait_for(stuck.wakeup.wait(), 5)
+    assert [e.revision for e in stuck.take(100)] == [2, 3]
+
+
+async def test_a_progress_request_sends_out_of_turn() -> None:
+    """A watcher woken by a progress request sends what it holds at once; the
+    hub does not wake it again for events it already sent."""
+    hub = Hub()
+    a, b = hub.subscribe(Filter(), after=0), hub.subscribe(Filter(), after=0)
+    hub.publish(1, rev_events(1, 1))
+    b.take(100)  # b is still sending: the round stays open
+    a.take(100)
+    hub.sent(a)
+    hub.publish(2, rev_events(2, 1))
+    a.wakeup.set()  # its progress request
+    assert a.take(100) == list(rev_events(2, 1))
+    hub.sent(a)
+    assert a not in hub.held
+    hub.sent(b)  # b still has revision 2: the next round is for b alone
+    await asyncio.wait_for(b.wakeup.wait(), 5)
+    assert b.take(100) == list(rev_events(2, 1)) and not a.wakeup.is_set()
 
 
 # ---- fed by a real store ----------------------------------------------------------

@@ -1,24 +1,27 @@
 """Watch fan-out: W watchers of one prefix, each on its own TCP connection and
 its own Watch stream (on both servers; etcd could multiplex watchers on one
-stream, Geryon has one watch per stream), while N writers on N connections
-make U updates. Timed from the first update sent until every watcher holds
-every event; reported as events delivered per second (W x U / that time)."""
+stream, Geryon has one watch per stream), spread over a few client processes
+(bench/watchers.py) so that the clients are not what is measured, while N
+writers on N connections make U updates. Timed from the first update sent
+until every watcher holds every event; reported as events delivered per
+second (W x U / that time). A row per watcher count, to show how the fan-out
+scales; the events per message each side sent are noted under the table."""
 
 from __future__ import annotations
 
-import asyncio
+import sys
 import time
 
+from bench import procs
 from bench.core import (
+    ETCD,
     REGISTRIES,
     Bench,
     Conn,
     Row,
     Side,
     Sizes,
-    Watch,
     Workload,
-    bounded,
     close_all,
     connections,
     spread,
@@ -26,49 +29,79 @@ from bench.core import (
 
 PREFIX = "fan!"
 NAMES = 100  # the updates cycle over this many services
+# How long the watcher processes may take to deliver every event.
+DELIVERY_S = 120.0
+
+
+def key(w: int) -> str:
+    # 100 watchers keeps the key the single fan-out row had.
+    return "fanout" if w == 100 else f"fanout.{w}"
 
 
 def workload(sizes: Sizes) -> Workload:
-    w, u = sizes.watchers, sizes.updates
-    rows = (
-        Row(
-            "fanout",
-            f"watch fan-out: {w} watchers, {u:,} updates",
-            "events/s",
-            echo="echo.n",
-        ),
+    u = sizes.updates
+    rows = tuple(
+        Row(key(w), f"watch fan-out: {w:,} watchers, {u:,} updates", "events/s", echo="echo.n")
+        for w in sizes.watchers
     )
 
     async def measure(bench: Bench, side: Side) -> dict[str, float]:
+        out = {}
+        for w in sizes.watchers:
+            rate, per_message = await fan_out(bench, side, w, u, sizes)
+            out[key(w)] = rate
+            bench.note(
+                f"fan-out, {side.name}, {w:,} watchers: {per_message:.1f} events per message"
+            )
+        return out
+
+    # Writers and watchers of the largest count take a while to connect.
+    return Workload("fanout", rows, measure, sides=REGISTRIES, timeout=300.0)
+
+
+async def fan_out(bench: Bench, side: Side, w: int, u: int, sizes: Sizes) -> tuple[float, float]:
+    """(events/s, events per message) for ``w`` watchers and ``u`` updates."""
+    server = "etcd" if side.name == ETCD else "geryon"
+    n = min(sizes.watcher_procs, w)
+    helpers = [
+        procs.Proc(
+            [
+                sys.executable,
+                "-m",
+                "bench.watchers",
+                server,
+                side.address,  # type: ignore[attr-defined]
+                PREFIX,
+                str(w // n + (i < w % n)),
+                str(u),
+            ],
+            bench.tmp / f"watchers-{side.name}-{i}.log",
+            ready=None,
+        )
+        for i in range(n)
+    ]
+    offsets = [h.spawn() for h in helpers]
+    writers: list[Conn] = []
+    try:
+        for h, at in zip(helpers, offsets, strict=True):
+            await h.wait_for("watching", at, timeout=60)
         writers = await connections(side, sizes.concurrency)
-        readers = await connections(side, w)
-        watches: list[Watch] = [c.watch(PREFIX) for c in readers]
-        try:
-            await bounded(asyncio.gather(*(x.started() for x in watches)), 30, "watches start")
-            finished: list[float] = []
 
-            async def consume(watch: Watch) -> None:
-                got = 0
-                async for batch in watch.batches():
-                    got += len(batch)
-                    if got >= u:
-                        break
-                if got != u:
-                    raise AssertionError(f"bench: a {side.name} watcher got {got} of {u} events")
-                finished.append(time.perf_counter())
+        # Values new to this run: an update that changes nothing makes no event.
+        run = str(time.monotonic_ns())
 
-            consumers = asyncio.gather(*(consume(x) for x in watches))
+        async def update(conn: Conn, i: int) -> None:
+            await conn.put(f"{PREFIX}{i % NAMES}", {"svc": "fan", "run": run, "seq": str(i)})
 
-            async def update(conn: Conn, i: int) -> None:
-                await conn.put(f"{PREFIX}{i % NAMES}", {"svc": "fan", "seq": str(i)})
-
-            started = time.perf_counter()
-            await spread(writers, list(range(u)), update)
-            await bounded(consumers, 60, f"{w} watchers receive {u} events")
-            return {"fanout": w * u / (max(finished) - started)}
-        finally:
-            for x in watches:
-                x.close()
-            await close_all(readers + writers)
-
-    return Workload("fanout", rows, measure, sides=REGISTRIES)
+        started = time.monotonic()
+        await spread(writers, list(range(u)), update)
+        last, messages = 0.0, 0
+        for h, at in zip(helpers, offsets, strict=True):
+            await h.wait_for("\ndone ", at, timeout=DELIVERY_S)
+            done = h.output(at).split("\ndone ", 1)[1].split()
+            last, messages = max(last, float(done[0])), messages + int(done[1])
+        return w * u / (last - started), w * u / messages
+    finally:
+        for h in helpers:
+            h.kill9()
+        await close_all(writers)

@@ -23,6 +23,7 @@ import contextlib
 import dataclasses
 import fcntl
 import heapq
+import itertools
 import json
 import logging
 import os
@@ -33,6 +34,7 @@ import zlib
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from operator import itemgetter
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
@@ -124,7 +126,7 @@ def _service_json(s: Service) -> str:
 
 def service_row(s: Service) -> tuple[Any, ...]:
     """A service as its ``services`` row, checksum last."""
-    row = (
+    name, attrs, lease, owner, create, mod = (
         s.name,
         _json(s.attrs),
         s.lease,
@@ -132,7 +134,9 @@ def service_row(s: Service) -> tuple[Any, ...]:
         s.create_revision,
         s.mod_revision,
     )
-    return (*row, row_crc(*row))
+    # row_crc's text, spelled out: every write of an entry comes here.
+    crc = zlib.crc32(f"{name}\x1f{attrs}\x1f{lease}\x1f{owner}\x1f{create}\x1f{mod}".encode())
+    return (name, attrs, lease, owner, create, mod, crc)
 
 
 def lease_row(lease_id: LeaseID, ttl_ms: int, owner: str) -> tuple[Any, ...]:
@@ -142,15 +146,11 @@ def lease_row(lease_id: LeaseID, ttl_ms: int, owner: str) -> tuple[Any, ...]:
 
 def event_row(revision: Revision, idx: int, e: Event, ts: float) -> tuple[Any, ...]:
     """An event as its ``events`` row, checksum last."""
-    row = (
-        revision,
-        idx,
-        e.type.value,
-        _service_json(e.service),
-        _service_json(e.prev) if e.prev else None,
-        ts,
-    )
-    return (*row, row_crc(*row))
+    typ, svc = e.type.value, _service_json(e.service)
+    prev = _service_json(e.prev) if e.prev else None
+    # row_crc's text, spelled out (as in service_row).
+    crc = zlib.crc32(f"{revision}\x1f{idx}\x1f{typ}\x1f{svc}\x1f{prev}\x1f{ts}".encode())
+    return (revision, idx, typ, svc, prev, ts, crc)
 
 
 def _stored_size(row: tuple[Any, ...]) -> int:
@@ -177,7 +177,9 @@ assert len(_SLOTS) == 7, "a new Service field must be set in _loaded_service"
 def _loaded_service(
     name: str, attrs: dict[str, str], lease: int, owner: str, create: int, mod: int
 ) -> Service:
-    """Service(name, attrs, lease, owner, create, mod), for the load."""
+    """Service(name, attrs, lease, owner, create, mod), without its frozen
+    dataclass __init__ (object.__setattr__ per field: 2.4 against 0.9 us),
+    for the load and a batch."""
     s = object.__new__(Service)
     _set_name(s, name)
     _set_attrs(s, attrs)
@@ -775,8 +777,10 @@ class SQLiteStore(Store):
         db = self._db
         db.execute("BEGIN")
         try:
-            for sql, params in ops:
-                db.execute(sql, params)
+            # A run of the same statement (a batch's rows) in one call: SQLite
+            # steps through them in C, without a Python call per row.
+            for sql, run in itertools.groupby(ops, key=itemgetter(0)):
+                db.executemany(sql, map(itemgetter(1), run))
             db.executemany(
                 "INSERT OR REPLACE INTO meta VALUES (?, ?)",
                 [
@@ -870,9 +874,9 @@ class SQLiteStore(Store):
                 assert prev is not None
                 out.append(prev)
                 continue
-            new = Service(
+            new = _loaded_service(
                 r.name,
-                r.attrs,
+                r.attrs,  # type: ignore[arg-type]  # a dict: validate_batch made it one
                 r.lease,
                 caller.name,
                 prev.create_revision if prev else revision,

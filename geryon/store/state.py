@@ -480,7 +480,7 @@ def validate_batch(batch: Sequence[Registration]) -> list[Registration]:
         except GeryonError as exc:
             refused.append((i, exc))
             continue
-        out.append(r._replace(attrs=attrs))
+        out.append(Registration(r.name, attrs, r.lease, r.persist, r.create_only))
     if refused:
         raise batch_refused(batch, refused)
     return out

@@ -130,8 +130,8 @@ class RegistryService(pb_grpc.RegistryServicer):
         self._message_cache: dict[tuple[int, ...], tuple[list[Event], bytes]] = {}
         self.streams: dict[object, tuple[Caller, Callable[[GeryonError], None]]] = {}
         self._releases: set[asyncio.Task[None]] = set()
-        # Cleared while the store loads: only Get is answered then, every
-        # other call waits (registryd sets it once the state is in memory).
+        # Cleared while the store loads: only Get and Find are answered
+        # then, every other call waits (registryd sets it once the state is in memory).
         self.serving = asyncio.Event()
         self.serving.set()
         # Set before the server stops, so streams it ends do not look like
@@ -296,12 +296,12 @@ class RegistryService(pb_grpc.RegistryServicer):
     async def Find(self, request: pb.FindRequest, context: Any) -> pb.FindResponse:
         async def do(caller: Caller) -> pb.FindResponse:
             flt = validate_filter(request.attrs, request.prefix)
-            found, revision = await self.store.read(lambda: self.store.find(flt))
+            found, revision = await self.store.search(flt)
             return pb.FindResponse(
                 header=header(revision), services=[service_to_pb(s) for s in found]
             )
 
-        return await self._call(context, do)
+        return await self._call(context, do, early=True)
 
     # ---- leases -------------------------------------------------------------
 

@@ -302,7 +302,7 @@ async def open_store(args: argparse.Namespace) -> Store:
         )
     from geryon.store.sqlite import SQLiteStore
 
-    # Not waiting for the state to load: Get is answered from the database
+    # Not waiting for the state to load: Get and Find are answered from the database
     # meanwhile, so a restart serves reads as soon as the port is open.
     return await SQLiteStore.open(args.data_dir or default_data_dir(), limits=limits, wait=False)
 
@@ -344,7 +344,7 @@ async def serve(args: argparse.Namespace) -> int:
         keepalive_rate=args.keepalive_rate,
     )
     store.on_lost.append(servicer.store_lost)
-    servicer.serving.clear()  # until the state is in memory: Get only
+    servicer.serving.clear()  # until the state is in memory: Get and Find only
 
     interceptors = []
     if args.metrics:

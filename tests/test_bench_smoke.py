@@ -170,7 +170,8 @@ def test_quick_scale_bench_prints_every_row() -> None:
     assert r.returncode == 0, f"exit {r.returncode}\n{r.stdout}\n{r.stderr[-4000:]}"
     lines = r.stdout.splitlines()
     assert lines[0].split()[:4] == ["scale", "(SQLite", "store)", "unit"], r.stdout
-    labels = ["RSS after load", "until the first Get", "until Find answers", "CPU time",
+    labels = ["RSS after load", "until the first Get", "until Find answers", "all is served",
+              "CPU time",
               "RSS after restart", "full Watch snapshot", "slowest idle Get/Find"]  # fmt: skip
     for label in labels:
         rows = [line for line in lines if label in line]

@@ -750,18 +750,36 @@ async def test_get_is_answered_from_the_database_while_the_state_loads(
     store = await open_store()
     s = await reg(store, "a", {"k": "v"})
     await reg(store, "b")
+    await reg(store, "tcp!ü!1", {"x.y-z": "", "k": "w"})
+    await reg(store, "tcp!ü!2", {"x.y-z": "1", "k": "v"})
+    await reg(store, "tcp!z", {"k": "u"})
     await store.close()
     early = await SQLiteStore.open(tmp_path / "data", wait=False)
     try:
         # Before ready(): the entry as stored, at the revision the store is at.
-        assert await early.lookup("a") == (s, 2)
+        assert await early.lookup("a") == (s, 5)
         with pytest.raises(NotFound, match="no service 'nosuch'"):
             await early.lookup("nosuch")
         with pytest.raises(InvalidArgument):
             await early.lookup("")
+        filters = [
+            Filter(),
+            Filter({"k": "v"}),
+            Filter({"k": "*"}),
+            Filter({"x.y-z": "*"}),
+            Filter({"x.y-z": ""}),
+            Filter({"k": "v", "x.y-z": "1"}),
+            Filter({"k": "nope"}),
+            Filter(prefix="b"),
+            Filter(prefix="tcp!ü"),
+            Filter({"k": "*"}, prefix="tcp!"),
+        ]
+        early_found = [await early.search(f) for f in filters]
         await early.ready()
-        assert await early.lookup("a") == (s, 2)
-        assert names(early.find(Filter())) == ["a", "b"]
+        assert await early.lookup("a") == (s, 2 + 3)
+        # The database's answers are memory's, in the same order.
+        assert early_found == [(early.find(f), 5) for f in filters]
+        assert [len(found) for found, _ in early_found] == [5, 2, 4, 2, 1, 1, 0, 1, 2, 3]
     finally:
         await early.close()
 

@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Generic, NamedTuple, TypeVar
 
 from geryon.errors import GeryonError
-from geryon.model import Caller, Event, Lease, LeaseID, Registration, Revision, Service
+from geryon.model import Caller, Event, Filter, Lease, LeaseID, Registration, Revision, Service
 from geryon.store.state import Limits, State
 
 T = TypeVar("T")
@@ -144,6 +144,12 @@ class Store(State, abc.ABC):
         """Get: one service by name, and the revision it was read at. A
         store may answer this before the rest of its state is loaded."""
         return await self.read(lambda: self.get(name))
+
+    async def search(self, flt: Filter) -> tuple[list[Service], Revision]:
+        """Find: the services matching ``flt``, sorted by name, and the
+        revision they were read at. Answered, like ``lookup``, before the
+        rest of the state is loaded where the store can."""
+        return await self.read(lambda: self.find(flt))
 
     # ---- life ---------------------------------------------------------------
 

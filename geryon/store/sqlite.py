@@ -42,9 +42,11 @@ import orjson
 
 from geryon.errors import FailedPrecondition, NotFound, OutOfRange, Unavailable
 from geryon.model import (
+    WILDCARD,
     Caller,
     Event,
     EventType,
+    Filter,
     Lease,
     LeaseID,
     Registration,
@@ -315,7 +317,7 @@ class SQLiteStore(Store):
     ) -> SQLiteStore:
         """Open the store. With ``wait`` False, return once the database is
         open and checked, and load the state in the writer thread meanwhile:
-        ``lookup`` answers from the database until it is in memory, and
+        ``lookup`` and ``search`` answer from the database until it is in memory, and
         ``ready`` waits for it (and raises what the load found wrong)."""
         store = cls(data_dir / "registry.db", limits=limits)
         loop = asyncio.get_running_loop()
@@ -350,24 +352,49 @@ class SQLiteStore(Store):
     async def lookup(self, name: str) -> tuple[Service, Revision]:
         if self._loading is None:
             return await super().lookup(name)
-        # Still loading: nothing has been written since the start, so the
-        # database holds exactly the state at ``revision``.
         validate_name(name, new=False)
+        found = self._select("name = ?", [name])
+        if not found:
+            raise NotFound(f"no service {name!r}")
+        return found[0], self.revision
+
+    async def search(self, flt: Filter) -> tuple[list[Service], Revision]:
+        if self._loading is None:
+            return await super().search(flt)
+        where, params = [], []
+        if flt.prefix:
+            where.append("substr(name, 1, ?) = ?")
+            params += [len(flt.prefix), flt.prefix]
+        for attr, want in flt.attrs.items():
+            path = f'$."{attr}"'  # attribute names hold no quotes ([A-Za-z0-9._-])
+            if want == WILDCARD:
+                where.append("json_type(attrs, ?) IS NOT NULL")
+                params.append(path)
+            else:
+                where.append("json_extract(attrs, ?) = ?")
+                params += [path, want]
+        found = self._select(" AND ".join(where) or "1", params)
+        return [s for s in found if flt.matches(s)], self.revision
+
+    def _select(self, where: str, params: list[object]) -> list[Service]:
+        """While the state loads: the entries the database holds that pass
+        ``where``, sorted by name (UTF-8's byte order is the code points'),
+        each checked. Nothing is written before the load ends, so the
+        database is the state at ``revision``."""
         if self._reader is None:
             self._reader = sqlite3.connect(self.path, isolation_level=None)
-        row = self._reader.execute(
+        out = []
+        for *row, crc in self._reader.execute(
             "SELECT name, attrs, lease, owner, create_revision, mod_revision, crc "
-            "FROM services WHERE name = ?",
-            (name,),
-        ).fetchone()
-        if row is None:
-            raise NotFound(f"no service {name!r}")
-        *row, crc = row
-        try:
-            _check(row_crc(*row) == crc, "checksum does not match")
-            return _service(row[0], orjson.loads(row[1]), *row[2:]), self.revision
-        except (Damaged, ValueError, TypeError):  # the load says so, in one line, and exits
-            raise Unavailable("registryd: starting: the store is damaged") from None
+            f"FROM services WHERE {where} ORDER BY name",
+            params,
+        ):
+            try:
+                _check(row_crc(*row) == crc, "checksum does not match")
+                out.append(_service(row[0], orjson.loads(row[1]), *row[2:]))
+            except (Damaged, ValueError, TypeError):  # the load says so, in one line, and exits
+                raise Unavailable("registryd: starting: the store is damaged") from None
+        return out
 
     def _open(self) -> None:
         """Lock the store, open its database, check its pages and schema,

@@ -150,7 +150,7 @@ class RegistryService(pb_grpc.RegistryServicer):
         try:
             caller = self.authenticate(context)
             if not early:
-                await self._serving()
+                await self.serving.wait()
             return await fn(caller)
         except GeryonError as exc:
             await _abort(context, exc)
@@ -158,10 +158,6 @@ class RegistryService(pb_grpc.RegistryServicer):
             log.exception("registryd: internal error")
             await context.abort(grpc.StatusCode.INTERNAL, "registryd: internal error")
         raise AssertionError("unreachable")  # abort always raises
-
-    async def _serving(self) -> None:
-        if not self.serving.is_set():
-            await self.serving.wait()
 
     def _may_write(self, caller: Caller, what: str) -> None:
         if caller.role not in WRITERS:
@@ -371,7 +367,7 @@ class RegistryService(pb_grpc.RegistryServicer):
             caller = self.authenticate(context)
             if caller.role not in WRITERS:
                 raise PermissionDenied(f"{caller.role} {caller.name} may not keep leases alive")
-            await self._serving()
+            await self.serving.wait()
 
             def end(error: GeryonError) -> None:
                 if not ended.done():
@@ -437,7 +433,7 @@ class RegistryService(pb_grpc.RegistryServicer):
         expiry: asyncio.TimerHandle | None = None
         try:
             caller = self.authenticate(context)
-            await self._serving()
+            await self.serving.wait()
             first = await anext(aiter(request_iterator), None)
             if first is None or not first.HasField("create_request"):
                 raise InvalidArgument("watch: the first request must be a create_request")

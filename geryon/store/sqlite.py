@@ -126,6 +126,16 @@ def _service_json(s: Service) -> str:
     return _json([s.name, s.attrs, s.lease, s.owner, s.create_revision, s.mod_revision])
 
 
+# row_crc, spelled out for the two tables every entry's write and load goes
+# through: no tuple and no str() per column.
+def _service_crc(name: str, attrs: str, lease: int, owner: str, create: int, mod: int) -> int:
+    return zlib.crc32(f"{name}\x1f{attrs}\x1f{lease}\x1f{owner}\x1f{create}\x1f{mod}".encode())
+
+
+def _event_crc(rev: int, idx: int, typ: int, svc: str, prev: str | None, ts: float) -> int:
+    return zlib.crc32(f"{rev}\x1f{idx}\x1f{typ}\x1f{svc}\x1f{prev}\x1f{ts}".encode())
+
+
 def service_row(s: Service) -> tuple[Any, ...]:
     """A service as its ``services`` row, checksum last."""
     name, attrs, lease, owner, create, mod = (
@@ -136,9 +146,15 @@ def service_row(s: Service) -> tuple[Any, ...]:
         s.create_revision,
         s.mod_revision,
     )
-    # row_crc's text, spelled out: every write of an entry comes here.
-    crc = zlib.crc32(f"{name}\x1f{attrs}\x1f{lease}\x1f{owner}\x1f{create}\x1f{mod}".encode())
-    return (name, attrs, lease, owner, create, mod, crc)
+    return (
+        name,
+        attrs,
+        lease,
+        owner,
+        create,
+        mod,
+        _service_crc(name, attrs, lease, owner, create, mod),
+    )
 
 
 def lease_row(lease_id: LeaseID, ttl_ms: int, owner: str) -> tuple[Any, ...]:
@@ -150,9 +166,7 @@ def event_row(revision: Revision, idx: int, e: Event, ts: float) -> tuple[Any, .
     """An event as its ``events`` row, checksum last."""
     typ, svc = e.type.value, _service_json(e.service)
     prev = _service_json(e.prev) if e.prev else None
-    # row_crc's text, spelled out (as in service_row).
-    crc = zlib.crc32(f"{revision}\x1f{idx}\x1f{typ}\x1f{svc}\x1f{prev}\x1f{ts}".encode())
-    return (revision, idx, typ, svc, prev, ts, crc)
+    return (revision, idx, typ, svc, prev, ts, _event_crc(revision, idx, typ, svc, prev, ts))
 
 
 def _stored_size(row: tuple[Any, ...]) -> int:
@@ -490,11 +504,7 @@ class SQLiteStore(Store):
             "SELECT name, attrs, lease, owner, create_revision, mod_revision, crc FROM services"
         ):
             name, attrs, lease, owner, create, mod = row
-            # row_crc's text, spelled out: this loop runs once per entry.
-            if (
-                zlib.crc32(f"{name}\x1f{attrs}\x1f{lease}\x1f{owner}\x1f{create}\x1f{mod}".encode())
-                != crc
-            ):
+            if _service_crc(name, attrs, lease, owner, create, mod) != crc:
                 raise Damaged(f"service {name!r}: checksum does not match")
             try:
                 if type(name) is not str or not type(lease) is type(create) is type(mod) is int:
@@ -509,7 +519,7 @@ class SQLiteStore(Store):
                     name,
                     attrs,
                     leases_seen.setdefault(lease, lease),
-                    sys.intern(owner),
+                    intern(owner),
                     mod if create == mod else create,
                     mod,
                 )
@@ -570,20 +580,19 @@ class SQLiteStore(Store):
         self.history_bytes += sum(size for _, _, size, _ in held)
 
     async def scrub(self) -> None:
-        """Check every held event row's checksum, in the writer thread. A
-        damaged one is logged, and the history up to it dropped, as if
-        compacted: a watch resuming from there re-lists instead of being
-        told a change that was not stored."""
+        """Check every held event row's checksum. A damaged one is logged,
+        and the history up to it dropped, as if compacted: a watch resuming
+        from there re-lists instead of being told a change that was not
+        stored."""
         # A thread and connection of its own: the writer's would hold up
         # every commit behind a pass over the whole window.
         damaged = await asyncio.to_thread(self._scrub, self.oldest_revision)
         if damaged is not None:
-            with contextlib.suppress(OutOfRange):
-                self._history_damaged(*damaged)
+            self._history_damaged(*damaged)
 
-    def _history_damaged(self, revision: Revision, why: str) -> None:
-        """Drop the history up to a damaged revision; OutOfRange for the
-        watch that was reading it."""
+    def _history_damaged(self, revision: Revision, why: str) -> OutOfRange:
+        """Drop the history up to a damaged revision; the error for a watch
+        that was reading it."""
         if revision >= self.oldest_revision:
             log.error(
                 "store: %s: the history is damaged (%s): dropped up to revision %d; "
@@ -593,7 +602,7 @@ class SQLiteStore(Store):
                 revision,
             )
             self.forget_before(revision + 1)
-        raise OutOfRange(
+        return OutOfRange(
             f"revision {revision}: the history is damaged; oldest held is {self.oldest_revision}",
             resume_revision=self.oldest_revision,
         )
@@ -607,8 +616,9 @@ class SQLiteStore(Store):
                 "WHERE revision >= ?",
                 (oldest,),
             ):
-                text = f"{rev}\x1f{idx}\x1f{typ}\x1f{svc}\x1f{prev}\x1f{ts}"
-                if zlib.crc32(text.encode()) != crc and (damaged is None or rev > damaged[0]):
+                if _event_crc(rev, idx, typ, svc, prev, ts) != crc and (
+                    damaged is None or rev > damaged[0]
+                ):
                     damaged = (rev, f"event {rev}.{idx}: checksum does not match")
         return damaged
 
@@ -630,9 +640,9 @@ class SQLiteStore(Store):
                 "WHERE revision BETWEEN ? AND ? ORDER BY revision, idx",
                 (stored[0], stored[-1]),
             ):
-                rev, idx, typ, svc, prev, _ = row
-                if row_crc(*row) != crc:
-                    self._history_damaged(rev, f"event {rev}.{idx}: checksum does not match")
+                rev, idx, typ, svc, prev, ts = row
+                if _event_crc(rev, idx, typ, svc, prev, ts) != crc:
+                    raise self._history_damaged(rev, f"event {rev}.{idx}: checksum does not match")
                 found.setdefault(rev, []).append(
                     Event(
                         EventType(typ),
